@@ -1,0 +1,53 @@
+"""fal_magic: run Python functions and notebook cells in isolated, warm Jupyter kernels.
+
+``@isolated(requirements=[...], keep_alive=300)`` runs a function in a kernel whose virtualenv holds
+the requirements; the kernel stays warm between calls and is culled when idle.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from .config import FalMagic, configure
+from .decorator import IsolatedFunction, isolated
+from .errors import (
+    EnvironmentBuildError,
+    FalMagicError,
+    KernelDiedError,
+    KernelStartError,
+    RemoteError,
+    SerializationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EnvironmentBuildError",
+    "FalMagic",
+    "FalMagicError",
+    "IsolatedFunction",
+    "KernelDiedError",
+    "KernelStartError",
+    "RemoteError",
+    "SerializationError",
+    "configure",
+    "isolated",
+]
+
+
+class _ProgressHandler(logging.Handler):
+    """fal_magic's own progress lines, on the caller's *current* stderr and marked as ours."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"[fal_magic] {self.format(record)}\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+_log = logging.getLogger("fal_magic")
+if not _log.handlers:
+    _log.addHandler(_ProgressHandler())
+    _log.setLevel(logging.INFO)
+    _log.propagate = False

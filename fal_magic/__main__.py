@@ -1,0 +1,138 @@
+"""Command line: ``python -m fal_magic demo`` and ``python -m fal_magic envs list | rm KEY | prune``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from .config import settings
+from .envs import EnvCache
+from .errors import FalMagicError
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ago(ts: float) -> str:
+    s = max(0.0, time.time() - ts)
+    if s < 120:
+        return f"{s:.0f}s ago"
+    if s < 7200:
+        return f"{s / 60:.0f}m ago"
+    if s < 172800:
+        return f"{s / 3600:.0f}h ago"
+    return f"{s / 86400:.0f}d ago"
+
+
+def demo(keep_alive: float = 3.0) -> int:
+    """A cold call, warm calls, then the idle culler at work, with the times of each."""
+    from . import isolated
+    from .envs import make_spec
+    from .kernels import get_pool
+
+    requirements = ["humanize==4.16.0"]
+
+    @isolated(keep_alive=keep_alive, requirements=requirements)
+    def describe(n):
+        import os
+
+        import humanize
+
+        return os.getpid(), humanize.intword(n)
+
+    cache = EnvCache(settings().home_path())
+    built = (cache.path_for(make_spec(requirements).key) / "fal_magic-env.json").exists()
+    print(f"fal_magic demo: cache {cache.home}; requirements {requirements}; keep_alive={keep_alive:g}s\n")
+
+    t = time.perf_counter()
+    pid, text = describe(12_345_678)
+    cold = time.perf_counter() - t
+    kind = "cached env, new kernel" if built else "new env + new kernel"
+    print(f"cold call ({kind}): {cold * 1000:8.1f} ms  -> {text!r} from kernel pid {pid}")
+    warm = []
+    for n in (10**6, 10**9, 10**12):
+        t = time.perf_counter()
+        same_pid, text = describe(n)
+        warm.append(time.perf_counter() - t)
+        print(f"warm call:                    {warm[-1] * 1000:8.1f} ms  -> {text!r} from kernel pid {same_pid}")
+    [info] = [k for k in get_pool().snapshot() if k.pid == pid]
+    print(f"\nkernel {pid} is idle, {info.calls} calls served; it will be culled in {info.seconds_left:.1f}s")
+    t = time.perf_counter()
+    while any(k.pid == pid for k in get_pool().snapshot()):
+        time.sleep(0.05)
+    print(f"culled after {time.perf_counter() - t:.1f}s idle; live kernels now: {len(get_pool().snapshot())}")
+
+    t = time.perf_counter()
+    new_pid, text = describe(42)
+    again = time.perf_counter() - t
+    print(f"\ncold call (cached env, new kernel): {again * 1000:8.1f} ms  -> {text!r} from kernel pid {new_pid}")
+    get_pool().shutdown()
+    print("\nsummary:")
+    print(f"  {'cold, ' + kind:<34} {cold * 1000:8.1f} ms")
+    print(f"  {'cold, cached env':<34} {again * 1000:8.1f} ms")
+    print(f"  {'warm (median of 3)':<34} {sorted(warm)[1] * 1000:8.1f} ms")
+    return 0
+
+
+def envs_command(args: argparse.Namespace) -> int:
+    """``envs list``, ``envs rm KEY``, ``envs prune``."""
+    cache = EnvCache(settings().home_path())
+    if args.action == "list":
+        records = cache.records()
+        if not records:
+            print(f"no environments in {cache.envs_dir}")
+            return 0
+        print(f"{'KEY':<18}{'SIZE':>10}  {'LAST USED':<11} {'STATE':<8} REQUIREMENTS")
+        for r in records:
+            state = "built" if r.built else "partial"
+            print(f"{r.key:<18}{_human_size(r.size_bytes):>10}  {_ago(r.last_used):<11} {state:<8} "
+                  f"{', '.join(r.requirements) or '-'}")
+        return 0
+    if args.action == "rm":
+        status = 0
+        for key in args.keys:
+            matches = [r.key for r in cache.records() if r.key.startswith(key)]
+            if len(matches) != 1:
+                print(f"error: {key!r} matches {len(matches)} environments", file=sys.stderr)
+                status = 1
+                continue
+            try:
+                cache.remove(matches[0])
+            except FalMagicError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                status = 1
+            else:
+                print(f"removed {matches[0]}")
+        return status
+    removed = cache.prune(args.older_than)
+    print(f"removed {len(removed)} environment(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fal_magic", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="show a cold call, warm calls and the idle culler")
+    p_demo.add_argument("--keep-alive", type=float, default=3.0, help="seconds (default 3)")
+    p_envs = sub.add_parser("envs", help="inspect or prune the environment cache")
+    envs_sub = p_envs.add_subparsers(dest="action", required=True)
+    envs_sub.add_parser("list", help="list cached environments")
+    p_rm = envs_sub.add_parser("rm", help="remove environments (not while in use)")
+    p_rm.add_argument("keys", nargs="+", metavar="KEY", help="a key or unique key prefix")
+    p_prune = envs_sub.add_parser("prune", help="remove unfinished builds and unused environments")
+    p_prune.add_argument("--older-than", type=float, default=30.0, metavar="DAYS",
+                         help="remove environments unused for this many days (default 30)")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo(args.keep_alive)
+    return envs_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""fal_magic's settings: one traitlets Configurable, readable from IPython config and set by configure().
+
+``c.FalMagic.default_keep_alive = 60`` in an IPython profile, or ``fal_magic.configure(...)`` in code.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from traitlets import Enum, Float, TraitError, Unicode
+from traitlets.config import Configurable
+
+from .errors import FalMagicError
+
+HOME_ENV = "FAL_MAGIC_HOME"
+
+
+class FalMagic(Configurable):
+    """Defaults for isolated functions, the cell magic, the environment cache and the culler."""
+
+    default_keep_alive = Float(
+        10.0, min=0.0, config=True, help="Seconds a kernel stays warm after its last call."
+    )
+    home = Unicode(
+        "",
+        config=True,
+        help="Cache directory for environments. Empty: $FAL_MAGIC_HOME, else the user cache dir.",
+    )
+    installer = Enum(
+        ["auto", "uv", "pip"], "auto", config=True, help="Package installer: uv, pip, or auto (uv if present)."
+    )
+    culler_interval = Float(
+        0.25, min=0.01, config=True, help="Longest pause, in seconds, between two checks of the idle culler."
+    )
+    kernel_start_timeout = Float(
+        60.0, min=1.0, config=True, help="Seconds to wait for a new kernel to answer."
+    )
+    interrupt_grace = Float(
+        5.0, min=0.0, config=True,
+        help="Seconds an interrupted call may take to stop before its kernel is restarted.",
+    )
+
+    def home_path(self) -> Path:
+        """The resolved cache directory: the configured one, else $FAL_MAGIC_HOME, else the user cache dir."""
+        if self.home:
+            return Path(self.home).expanduser()
+        env = os.environ.get(HOME_ENV)
+        if env:
+            return Path(env).expanduser()
+        return Path(platformdirs.user_cache_dir("fal_magic", appauthor=False))
+
+
+_settings: FalMagic | None = None
+_settings_lock = threading.Lock()
+
+
+def settings() -> FalMagic:
+    """The process-wide settings object (created on first use)."""
+    global _settings
+    with _settings_lock:
+        if _settings is None:
+            _settings = FalMagic()
+        return _settings
+
+
+def adopt(instance: FalMagic) -> None:
+    """Make ``instance`` (e.g. one created with IPython's config as parent) the process-wide settings."""
+    global _settings
+    with _settings_lock:
+        _settings = instance
+
+
+def configure(**options: Any) -> FalMagic:
+    """Change settings from code, e.g. ``configure(default_keep_alive=60, home="/data/envs")``."""
+    current = settings()
+    unknown = sorted(set(options) - set(current.trait_names(config=True)))
+    if unknown:
+        valid = ", ".join(sorted(current.trait_names(config=True)))
+        raise FalMagicError(f"unknown setting(s) {', '.join(unknown)}; valid settings: {valid}")
+    for name, value in options.items():
+        try:
+            setattr(current, name, value)
+        except TraitError as exc:
+            raise FalMagicError(f"bad value for setting {name!r}: {exc}") from None
+    return current

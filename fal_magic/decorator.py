@@ -1,0 +1,163 @@
+"""``@isolated``: a function that runs in a warm kernel of its own environment.
+
+The call path: pickle the call here (an unpicklable object fails before anything starts), lease a
+kernel from the pool (building the environment once), run, forward outputs into the caller, rebuild
+the result or the remote exception.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import numbers
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+from .config import settings
+from .envs import EnvSpec, make_spec
+from .errors import FalMagicError
+from .kernels import get_pool
+from .kernels.wire import code_files, dump_call, load_result
+from .outputs import CallerOutput
+
+log = logging.getLogger("fal_magic")
+
+SUPPORTED_KINDS = ("virtualenv",)
+_OPTION_NAMES = ("kind", "requirements", "keep_alive", "max_kernels", "machine_type")
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for ``submit``, ``map`` and ``warmup``."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fal_magic")
+        return _executor
+
+
+def _check_options(kind: str, keep_alive: float | None, max_kernels: int) -> None:
+    if kind not in SUPPORTED_KINDS:
+        raise FalMagicError(f"environment kind {kind!r} is not supported here; supported: "
+                            f"{', '.join(SUPPORTED_KINDS)}")
+    if keep_alive is not None and (not isinstance(keep_alive, numbers.Real) or isinstance(keep_alive, bool)
+                                   or keep_alive < 0):
+        raise FalMagicError(f"keep_alive must be a number of seconds >= 0, not {keep_alive!r}")
+    if not isinstance(max_kernels, int) or isinstance(max_kernels, bool) or max_kernels < 1:
+        raise FalMagicError(f"max_kernels must be an integer >= 1, not {max_kernels!r}")
+
+
+class IsolatedFunction:
+    """A function bound to an environment; calling it runs it in that environment's warm kernel."""
+
+    def __init__(self, func: Callable, *, kind: str = "virtualenv", requirements: Iterable[str] | str = (),
+                 keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None) -> None:
+        if not callable(func):
+            raise FalMagicError(f"@isolated decorates a function, not {type(func).__name__}")
+        _check_options(kind, keep_alive, max_kernels)
+        self.func = func
+        self.spec: EnvSpec = make_spec(requirements)
+        self._options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,
+                         "max_kernels": max_kernels, "machine_type": machine_type}
+        functools.update_wrapper(self, func)
+
+    @property
+    def keep_alive(self) -> float:
+        """Seconds the kernel stays warm after a call (the configured default when not given)."""
+        value = self._options["keep_alive"]
+        return float(settings().default_keep_alive if value is None else value)
+
+    @property
+    def max_kernels(self) -> int:
+        return self._options["max_kernels"]
+
+    def __repr__(self) -> str:
+        reqs = ", ".join(self.spec.requirements) or "no requirements"
+        return f"<isolated function {self.func.__qualname__} [{reqs}] keep_alive={self.keep_alive:g}s>"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        """Support methods: ``obj.f(...)`` binds ``obj`` as the first argument."""
+        if obj is None:
+            return self
+        return functools.partial(self.__call__, obj)
+
+    def on(self, **options: Any) -> "IsolatedFunction":
+        """A copy with some options changed, e.g. ``f.on(keep_alive=0)``."""
+        unknown = sorted(set(options) - set(_OPTION_NAMES))
+        if unknown:
+            raise FalMagicError(f"unknown option(s) {', '.join(unknown)}; options: {', '.join(_OPTION_NAMES)}")
+        return IsolatedFunction(self.func, **{**self._options, **options})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # IPython shows the remote frames, not these
+        frames = dump_call(self.func, args, kwargs)
+        return self._run(frames)
+
+    def _run(self, frames: list, sink: CallerOutput | None = None) -> Any:
+        __tracebackhide__ = True
+        reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
+                                max_kernels=self.max_kernels)
+        return load_result(reply.content, reply.buffers, self.spec.requirements, code_files(self.func))
+
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Start a call in the background and return its Future (``asyncio.wrap_future`` makes it awaitable).
+
+        The call is pickled now, so its arguments are taken as they are at this moment.
+        """
+        frames = dump_call(self.func, args, kwargs)
+        return _background().submit(self._run, frames, CallerOutput())  # the sink, made here, knows the cell
+
+    def map(self, *iterables: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
+        """Results of the function over the inputs, in input order, spread over the key's kernels.
+
+        Like ``Executor.map``: the first failing item raises when its result is reached.
+        """
+        futures = [self.submit(*args) for args in zip(*iterables)]
+
+        def results() -> Iterator[Any]:
+            try:
+                for fut in futures:
+                    yield fut.result(timeout=timeout)
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+        return results()
+
+    def warmup(self) -> concurrent.futures.Future:
+        """Start the key's kernel(s) in the background so that a later first call is fast."""
+        pool = get_pool()
+
+        def start() -> None:
+            leased = []
+            try:  # hold each new kernel so that the next acquire starts another, up to max_kernels
+                for _ in range(self.max_kernels):
+                    leased.append(pool.acquire(self.spec, self.max_kernels))
+            finally:
+                for kernel in leased:
+                    pool.release(kernel, self.keep_alive)
+
+        return _background().submit(start)
+
+
+def isolated(kind: str | Callable = "virtualenv", *, requirements: Iterable[str] | str = (),
+             keep_alive: float | None = None, max_kernels: int = 1,
+             machine_type: str | None = None) -> Any:
+    """Run the decorated function in a warm, isolated kernel whose environment has ``requirements``.
+
+    Usable bare (``@isolated``), with parentheses, or with the environment kind first
+    (``@isolated("virtualenv", requirements=[...])``), as in fal_serverless.
+    """
+    if callable(kind):
+        return IsolatedFunction(kind, requirements=requirements, keep_alive=keep_alive,
+                                max_kernels=max_kernels, machine_type=machine_type)
+    _check_options(kind, keep_alive, max_kernels)
+    make_spec(requirements)  # a bad requirement fails at decoration, before anything is built
+
+    def decorate(func: Callable) -> IsolatedFunction:
+        return IsolatedFunction(func, kind=kind, requirements=requirements, keep_alive=keep_alive,
+                                max_kernels=max_kernels, machine_type=machine_type)
+
+    return decorate

@@ -1,0 +1,312 @@
+"""The on-disk cache of environments: one virtualenv per key, built once, shared by processes.
+
+Layout under the cache home (all directories owner-only)::
+
+    envs/<key>/                  the virtualenv, built in place (virtualenvs are not relocatable)
+    envs/<key>/fal_magic-env.json  completion marker + metadata, written last and atomically
+    locks/<key>.lock             flock: exclusive while building or removing, shared while in use
+
+An environment counts as built only when its marker exists. A build that fails, is interrupted or
+whose process is killed leaves no marker; the next build of that key deletes the remains and starts
+over. The lock is held by the OS, so a killed holder never leaves a stale lock behind.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from ..errors import EnvironmentBuildError, FalMagicError
+from .installers import InstallFailed, pick_installer
+from .spec import EnvSpec
+
+MARKER = "fal_magic-env.json"
+LAST_USED = ".fal_magic-last-used"
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    """A progress callback that shows nothing."""
+
+
+@dataclass(frozen=True)
+class Env:
+    """A built environment: where it is and which interpreter to run."""
+
+    key: str
+    path: Path
+    requirements: tuple[str, ...]
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class EnvRecord:
+    """What ``envs list`` shows about one cached environment."""
+
+    key: str
+    path: Path
+    requirements: tuple[str, ...]
+    size_bytes: int
+    created: float
+    last_used: float
+    built: bool
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` owner-only (0700), refuse one owned by another user, and check it is writable."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FalMagicError(f"cannot create fal_magic directory {path}: {exc.strerror}") from None
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise FalMagicError(f"refusing to use {path}: it belongs to uid {info.st_uid}, not to you")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FalMagicError(f"fal_magic directory {path} is not writable; set FAL_MAGIC_HOME to another place")
+    return path
+
+
+class _KeyLock:
+    """One key's flock, shared by the threads of this process (flock conflicts between fds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mutex = threading.Lock()
+        self.fd: int | None = None
+
+    def hold(self, mode: int) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, mode)
+
+    def drop(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+class EnvCache:
+    """Finds or builds the environment for a spec; lists and removes cached environments."""
+
+    def __init__(self, home: Path, installer: str = "auto") -> None:
+        self.home = Path(home)
+        self.installer_choice = installer
+        self._locks: dict[str, _KeyLock] = {}
+        self._locks_guard = threading.Lock()
+
+    @property
+    def envs_dir(self) -> Path:
+        return self.home / "envs"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.home / "locks"
+
+    def path_for(self, key: str) -> Path:
+        return self.envs_dir / key
+
+    def _prepare(self) -> None:
+        for d in (self.home, self.envs_dir, self.locks_dir):
+            ensure_private_dir(d)
+
+    def _lock(self, key: str) -> _KeyLock:
+        with self._locks_guard:
+            if key not in self._locks:
+                self._locks[key] = _KeyLock(self.locks_dir / f"{key}.lock")
+            return self._locks[key]
+
+    # -- getting an environment -------------------------------------------------------------
+
+    def get(self, spec: EnvSpec, progress: Progress = _quiet) -> Env:
+        """Return the built environment for ``spec``, building it first if no process has.
+
+        The caller then holds the key's shared lock (so no other process removes the environment
+        while this one uses it) until it calls ``release(key)``.
+        """
+        self._prepare()
+        key = spec.key
+        path = self.path_for(key)
+        lock = self._lock(key)
+        with lock.mutex:
+            if lock.fd is not None and (path / MARKER).exists():
+                self._touch(path)
+                return Env(key, path, spec.requirements)
+            lock.hold(fcntl.LOCK_SH)
+            if not (path / MARKER).exists():
+                lock.hold(fcntl.LOCK_EX)  # converts; waits while another process builds
+                try:
+                    if not (path / MARKER).exists():
+                        self._build(spec, path, progress)
+                except BaseException:
+                    lock.drop()
+                    raise
+                lock.hold(fcntl.LOCK_SH)
+            self._touch(path)
+            return Env(key, path, spec.requirements)
+
+    def release(self, key: str) -> None:
+        """Stop holding ``key``'s shared lock (its environment may be removed again)."""
+        lock = self._lock(key)
+        with lock.mutex:
+            lock.drop()
+
+    def _touch(self, path: Path) -> None:
+        try:
+            (path / LAST_USED).touch()
+        except OSError:
+            pass
+
+    def _build(self, spec: EnvSpec, path: Path, progress: Progress) -> None:
+        """Build in place under the exclusive lock; on any failure remove everything built."""
+        label = ", ".join(spec.requirements) or "no extra requirements"
+        progress(f"building environment {spec.key} ({label})")
+        started = time.perf_counter()
+        if path.exists():
+            progress("removing the remains of an unfinished build")
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            installer = pick_installer(self.installer_choice)
+        except (ValueError, FileNotFoundError) as exc:
+            raise EnvironmentBuildError(str(exc)) from None
+        try:
+            step = time.perf_counter()
+            self._create_venv(path)
+            progress(f"created virtualenv in {time.perf_counter() - step:.2f}s")
+            step = time.perf_counter()
+            python = path / "bin" / "python"
+            try:
+                installer.install(python, spec.install_list, lambda line: None)
+            except InstallFailed as exc:
+                raise EnvironmentBuildError(self._install_message(spec, exc.output, installer.name)) from None
+            progress(f"installed {len(spec.install_list)} requirements with {installer.name} "
+                     f"in {time.perf_counter() - step:.2f}s")
+            meta = {
+                "key": spec.key,
+                "requirements": list(spec.requirements),
+                "python": spec.python,
+                "cloudpickle": spec.cloudpickle,
+                "installer": installer.name,
+                "created": time.time(),
+                "build_seconds": round(time.perf_counter() - started, 3),
+            }
+            tmp = path / (MARKER + ".tmp")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, path / MARKER)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        progress(f"environment {spec.key} ready in {time.perf_counter() - started:.2f}s")
+
+    @staticmethod
+    def _create_venv(path: Path) -> None:
+        from virtualenv import cli_run
+
+        try:
+            cli_run([str(path), "--no-seed", "--no-periodic-update", "--quiet", "-p", sys.executable],
+                    setup_logging=False)
+        except (Exception, SystemExit) as exc:
+            raise EnvironmentBuildError(f"virtualenv could not create {path}: {exc}") from None
+        os.chmod(path, 0o700)
+
+    @staticmethod
+    def _install_message(spec: EnvSpec, output: str, installer: str) -> str:
+        lowered = output.lower()
+        named = [r for r in spec.requirements
+                 if canonicalize_name(Requirement(r).name) in lowered or Requirement(r).name.lower() in lowered]
+        culprits = named or list(spec.requirements) or spec.install_list
+        return (f"could not install {', '.join(repr(c) for c in culprits)} "
+                f"({installer} failed):\n{output}")
+
+    # -- inspecting and pruning ---------------------------------------------------------------
+
+    def records(self) -> list[EnvRecord]:
+        """Every environment directory in the cache, built or not, newest use first."""
+        if not self.envs_dir.is_dir():
+            return []
+        out = []
+        for path in self.envs_dir.iterdir():
+            if not path.is_dir():
+                continue
+            marker = path / MARKER
+            meta: dict = {}
+            if marker.exists():
+                try:
+                    meta = json.loads(marker.read_text())
+                except (OSError, ValueError):
+                    meta = {}
+            last = path / LAST_USED
+            out.append(EnvRecord(
+                key=path.name,
+                path=path,
+                requirements=tuple(meta.get("requirements", ())),
+                size_bytes=_tree_size(path),
+                created=float(meta.get("created", path.stat().st_mtime)),
+                last_used=last.stat().st_mtime if last.exists() else path.stat().st_mtime,
+                built=bool(meta),
+            ))
+        return sorted(out, key=lambda r: r.last_used, reverse=True)
+
+    def remove(self, key: str) -> None:
+        """Delete one environment, unless a process (this one included) is using it."""
+        path = self.path_for(key)
+        if not path.exists():
+            raise FalMagicError(f"no environment with key {key!r} in {self.envs_dir}")
+        self._prepare()
+        lock = self._lock(key)
+        with lock.mutex:
+            if lock.fd is not None:
+                raise FalMagicError(f"environment {key} is in use by this process; shut its kernels down first")
+            lock.hold(fcntl.LOCK_SH)
+            try:
+                fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.drop()
+                raise FalMagicError(f"environment {key} is in use by another process (a live kernel or a build)") from None
+            try:
+                # the marker goes first, so an interrupted removal never leaves a "built" half
+                (path / MARKER).unlink(missing_ok=True)
+                shutil.rmtree(path)
+            finally:
+                lock.drop()
+
+    def prune(self, older_than_days: float = 0.0) -> list[str]:
+        """Remove unbuilt leftovers and environments unused for ``older_than_days``; skip busy ones."""
+        cutoff = time.time() - older_than_days * 86400
+        removed = []
+        for rec in self.records():
+            if rec.built and rec.last_used > cutoff:
+                continue
+            try:
+                self.remove(rec.key)
+            except FalMagicError:
+                continue
+            removed.append(rec.key)
+        return removed
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total

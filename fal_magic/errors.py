@@ -1,0 +1,59 @@
+"""Every exception fal_magic raises on purpose (SPEC section 8).
+
+This module imports nothing from the rest of the package, so any layer may use it.
+"""
+from __future__ import annotations
+
+
+class FalMagicError(Exception):
+    """Base class of all fal_magic errors."""
+
+
+class EnvironmentBuildError(FalMagicError):
+    """An environment could not be built; the message names the requirement and the installer's text."""
+
+
+class KernelStartError(FalMagicError):
+    """A kernel could not be started or did not become ready."""
+
+
+class KernelDiedError(FalMagicError):
+    """The kernel process died while a call ran in it (segfault, os._exit, out of memory, kill)."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
+
+
+class SerializationError(FalMagicError):
+    """A function, argument or result could not be pickled or unpickled; the message names it."""
+
+
+class RemoteError(FalMagicError):
+    """An exception raised in the kernel whose type cannot be rebuilt in the caller.
+
+    Carries the remote type name, message and traceback text; IPython shows the remote
+    traceback through ``_render_traceback_``.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str = "") -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.remote_message = message
+        self.traceback_text = traceback_text
+
+    def __reduce__(self):  # keep the three fields when the error itself is pickled
+        return (type(self), (self.type_name, self.remote_message, self.traceback_text))
+
+    def __str__(self) -> str:
+        head = f"{self.type_name}: {self.remote_message}" if self.remote_message else self.type_name
+        if self.traceback_text:
+            return f"{head}\n\nRemote traceback:\n{self.traceback_text.rstrip()}"
+        return head
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython hook: show the remote traceback instead of fal_magic's local frames."""
+        lines = ["fal_magic.RemoteError: exception raised in the isolated kernel"]
+        lines.extend((self.traceback_text or f"{self.type_name}: {self.remote_message}").rstrip().splitlines())
+        return lines

@@ -1,0 +1,319 @@
+"""WarmKernel: one ipykernel on an environment's Python, driven through jupyter_client.
+
+It starts the kernel over the IPC transport, sends the runtime in, and then serves one request at a
+time: a pickled call (a comm message with binary buffers) or a cell (an execute_request). While it
+waits it forwards the request's outputs to a sink, watches that the process is alive, and turns
+Ctrl-C into an interrupt of the kernel.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+
+from ..envs import Env
+from ..errors import KernelDiedError, KernelStartError
+from ..outputs import OutputSink
+from . import runtime
+
+_RUNTIME_SOURCE = Path(runtime.__file__).read_text()
+_BOOTSTRAP = (
+    "(lambda m: (exec(compile({src!r}, {path!r}, 'exec'), m.__dict__), "
+    "__import__('sys').modules.__setitem__(m.__name__, m), m.install(get_ipython())))"
+    "(__import__('types').ModuleType('fal_magic_runtime'))"
+).format(src=_RUNTIME_SOURCE, path=runtime.__file__)
+
+#: Output message types forwarded to the caller as display outputs.
+DISPLAY_TYPES = ("display_data", "update_display_data", "execute_result")
+
+#: How often, at the longest, liveness is checked while a request runs.
+LIVENESS_PERIOD = 0.2
+
+
+class _EnvKernelSpecs(KernelSpecManager):
+    """Kernel specs made on the fly for one environment: its Python, run directly (no wrapper),
+    so ipykernel's parent polling sees the host as its parent."""
+
+    def __init__(self, python: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.python = python
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return KernelSpec(
+            name=kernel_name,
+            display_name=f"fal_magic {kernel_name}",
+            language="python",
+            interrupt_mode="signal",
+            argv=[str(self.python), "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                  "--HistoryManager.enabled=False", "--Application.log_level=WARN"],
+        )
+
+
+@dataclass
+class Reply:
+    """The end of one request: the comm reply (calls) or the execute_reply content (cells)."""
+
+    content: dict[str, Any]
+    buffers: list = field(default_factory=list)
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class WarmKernel:
+    """One kernel process and its client. Not thread-safe: the pool leases it to one caller at a time."""
+
+    def __init__(self, key: str, requirements: tuple[str, ...], runtime_dir: Path) -> None:
+        self.key = key
+        self.requirements = requirements
+        self.id = uuid.uuid4().hex[:12]
+        self.runtime_dir = runtime_dir
+        self.log_path = runtime_dir / f"kernel-{self.id}.log"
+        self.state = "starting"  # starting | idle | busy | dead
+        self.calls = 0
+        self.started_at = time.time()
+        self.last_used = self.started_at
+        self.deadline = 0.0  # only idle kernels are culled; release() sets the real deadline
+        self.pid: int | None = None
+        self.km: KernelManager | None = None
+        self.kc: Any = None
+        self.comm_id = uuid.uuid4().hex
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self, env: Env, timeout: float) -> None:
+        """Launch the kernel on ``env`` and wait until the runtime answers; KernelStartError otherwise."""
+        km = KernelManager(
+            kernel_name=f"env-{env.key}",
+            kernel_spec_manager=_EnvKernelSpecs(env.python),
+            transport="ipc",
+            connection_file=str(self.runtime_dir / f"kernel-{self.id}.json"),
+        )
+        km.shutdown_wait_time = 2.0
+        self.km = km
+        child_env = {k: v for k, v in os.environ.items()
+                     if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
+        child_env.update(
+            VIRTUAL_ENV=str(env.path),
+            PATH=f"{env.path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            FAL_MAGIC_KERNEL_LOG=str(self.log_path),
+            PYDEVD_DISABLE_FILE_VALIDATION="1",
+        )
+        log = open(self.log_path, "ab", buffering=0)
+        try:
+            km.start_kernel(env=child_env, stdout=log, stderr=log)
+        except Exception as exc:
+            raise KernelStartError(f"could not launch a kernel on {env.python}: {exc}") from None
+        finally:
+            log.close()
+        self.pid = km.provisioner.pid if km.provisioner is not None else None
+        try:
+            self.kc = km.client()
+            self.kc.start_channels()
+            self.kc.wait_for_ready(timeout=timeout)
+            self._bootstrap(timeout)
+        except BaseException as exc:
+            tail = _tail(self.log_path)
+            self.shutdown(now=True)
+            if isinstance(exc, KernelStartError) or not isinstance(exc, Exception):
+                raise
+            raise KernelStartError(
+                f"kernel on {env.python} did not become ready: {exc}" + (f"\nkernel log:\n{tail}" if tail else "")
+            ) from None
+
+    def _bootstrap(self, timeout: float) -> None:
+        """Send the runtime in, open its comm, and check the kernel's Python against the host's."""
+        kc = self.kc
+        msg_id = kc.execute(_BOOTSTRAP, silent=True, store_history=False)
+        reply = self._shell_reply(msg_id, timeout)
+        if reply["content"]["status"] != "ok":
+            c = reply["content"]
+            raise KernelStartError(f"fal_magic runtime failed to load in the kernel: {c.get('ename')}: "
+                                   f"{c.get('evalue')}\n" + "\n".join(c.get("traceback", [])))
+        msg = kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": runtime.COMM_TARGET,
+                                           "data": {}})
+        kc.shell_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise KernelStartError("the fal_magic runtime in the kernel did not answer")
+            try:
+                m = kc.get_iopub_msg(timeout=min(remaining, LIVENESS_PERIOD))
+            except Empty:
+                self._check_alive("while starting")
+                continue
+            if m["msg_type"] == "comm_msg" and m["content"]["data"].get("op") == "hello":
+                hello = m["content"]["data"]
+                break
+        host = [sys.version_info.major, sys.version_info.minor]
+        if hello["python"][:2] != host or hello["implementation"] != sys.implementation.name:
+            raise KernelStartError(
+                f"the kernel runs {hello['implementation']} {'.'.join(map(str, hello['python']))} "
+                f"but the host runs {sys.implementation.name} {sys.version.split()[0]}: pickles cannot cross"
+            )
+        import cloudpickle
+
+        if hello["cloudpickle"] != cloudpickle.__version__:
+            raise KernelStartError(f"the kernel has cloudpickle {hello['cloudpickle']}, the host "
+                                   f"{cloudpickle.__version__}: they must match")
+        self.pid = hello["pid"]
+
+    def _shell_reply(self, msg_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no reply from the kernel")
+            try:
+                m = self.kc.get_shell_msg(timeout=min(remaining, LIVENESS_PERIOD))
+            except Empty:
+                self._check_alive("while waiting for a reply")
+                continue
+            if m["parent_header"].get("msg_id") == msg_id:
+                return m
+
+    def alive(self) -> bool:
+        """Whether the kernel process still runs (a cheap poll of the child process)."""
+        km = self.km
+        if km is None or km.provisioner is None:
+            return False
+        proc = getattr(km.provisioner, "process", None)
+        if proc is not None:
+            return proc.poll() is None
+        return bool(km.is_alive())
+
+    def exit_code(self) -> int | None:
+        proc = getattr(self.km.provisioner, "process", None) if self.km and self.km.provisioner else None
+        return proc.returncode if proc is not None else None
+
+    def _check_alive(self, when: str) -> None:
+        if self.alive():
+            return
+        self.state = "dead"
+        code = self.exit_code()
+        if code is not None and code < 0:
+            try:
+                cause = f"killed by signal {-code} ({signal.Signals(-code).name})"
+            except ValueError:
+                cause = f"killed by signal {-code}"
+        else:
+            cause = f"exited with code {code}"
+        tail = _tail(self.log_path, 3000)
+        lines = tail.splitlines()[-25:]
+        message = f"the kernel (pid {self.pid}) died {when}: {cause}"
+        if code == -signal.SIGKILL:
+            message += " (out of memory, or killed from outside)"
+        if lines:
+            message += "\nlast lines of the kernel's stderr:\n" + "\n".join(lines)
+        raise KernelDiedError(message, exit_code=code, stderr_tail="\n".join(lines))
+
+    def interrupt(self) -> None:
+        """SIGINT to the kernel (its own process group): raises KeyboardInterrupt in the running code."""
+        if self.km is not None and self.alive():
+            self.km.interrupt_kernel()
+
+    def shutdown(self, now: bool = False) -> None:
+        """Stop the kernel (politely unless ``now``) and remove its files."""
+        self.state = "dead"
+        if self.kc is not None:
+            try:
+                self.kc.stop_channels()
+            except Exception:
+                pass
+        if self.km is not None:
+            try:
+                if self.km.has_kernel:
+                    self.km.shutdown_kernel(now=now or not self.alive())
+            except Exception:
+                pass
+            try:
+                self.km.cleanup_resources()
+            except Exception:
+                pass
+        try:
+            self.log_path.unlink()
+        except OSError:
+            pass
+
+    # -- requests --------------------------------------------------------------------------
+
+    def call(self, frames: list, sink: OutputSink, interrupt_grace: float) -> Reply:
+        """Run a pickled call (frames from ``wire.dump_call``); return the comm reply with result frames."""
+        msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
+                                               "data": {"op": "call", "id": self.calls}})
+        self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
+        return self._serve(msg["header"]["msg_id"], sink, interrupt_grace, expect_shell_reply=False)
+
+    def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
+        """Run cell source in the kernel's namespace; return the execute_reply content."""
+        msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=False)
+        return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
+
+    def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool) -> Reply:
+        """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel."""
+        self.state = "busy"
+        self.calls += 1
+        interrupted_at: float | None = None
+        result: Reply | None = None
+        last_check = time.monotonic()
+        try:
+            while True:
+                try:
+                    try:
+                        m = self.kc.get_iopub_msg(timeout=LIVENESS_PERIOD)
+                    except Empty:
+                        m = None
+                    now = time.monotonic()
+                    if m is None or now - last_check >= LIVENESS_PERIOD:
+                        last_check = now
+                        self._check_alive("during the call")
+                        if interrupted_at is not None and now - interrupted_at > grace:
+                            self.shutdown(now=True)
+                            raise KernelDiedError(
+                                f"the interrupted call did not stop within {grace:g}s; its kernel was shut down "
+                                "(the next call starts a fresh one)") from KeyboardInterrupt()
+                    if m is None or m["parent_header"].get("msg_id") != msg_id:
+                        continue
+                    kind = m["msg_type"]
+                    content = m["content"]
+                    if kind == "stream":
+                        sink.stream(content["name"], content["text"])
+                    elif kind in DISPLAY_TYPES:
+                        sink.display(kind, content)
+                    elif kind == "comm_msg" and content.get("data", {}).get("op") == "result":
+                        result = Reply(content["data"], m.get("buffers", []))
+                    elif kind == "status" and content["execution_state"] == "idle":
+                        break
+                except KeyboardInterrupt:
+                    if interrupted_at is not None:  # a second Ctrl-C: stop waiting at once
+                        self.shutdown(now=True)
+                        raise
+                    interrupted_at = time.monotonic()
+                    self.interrupt()
+            if expect_shell_reply:
+                result = Reply(self._shell_reply(msg_id, 10.0)["content"])
+            if result is None:
+                raise KernelDiedError("the kernel finished the request without a reply from the fal_magic runtime")
+            return result
+        finally:
+            self.last_used = time.time()
+            if self.state == "busy":
+                self.state = "idle"

@@ -1,0 +1,266 @@
+"""KernelPool: the warm kernels of this process, by requirements key, and their idle culler.
+
+A call leases an idle kernel of its key (starting one when all are busy and the key has fewer than
+``max_kernels``), runs, and gives it back with a deadline of ``max(deadline, now + keep_alive)``.
+The culler thread sleeps until the next deadline and shuts down idle kernels whose deadline has
+passed; a busy kernel is never culled. Every kernel is shut down at interpreter exit; a kernel
+whose host is killed exits by itself (ipykernel polls its parent, JPY_PARENT_PID).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..config import FalMagic, settings
+from ..envs import EnvCache, EnvSpec
+from ..errors import FalMagicError, KernelDiedError
+from ..outputs import OutputSink
+from .kernel import Reply, WarmKernel
+
+log = logging.getLogger("fal_magic")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """A snapshot of one warm kernel, for the kernel list (never a live handle)."""
+
+    key: str
+    kernel_id: str
+    requirements: tuple[str, ...]
+    pid: int | None
+    state: str
+    calls: int
+    started_at: float
+    last_used: float
+    deadline: float
+    machine_type: str | None = None
+
+    @property
+    def seconds_left(self) -> float | None:
+        """Seconds until the culler may shut it down; None while it is busy or starting."""
+        if self.state != "idle":
+            return None
+        return max(0.0, self.deadline - time.time())
+
+
+class KernelPool:
+    """Warm kernels by key; thread-safe. ``call`` and ``execute`` are the one client path to a kernel."""
+
+    def __init__(self, config: FalMagic | None = None) -> None:
+        self._config = config
+        self._kernels: dict[str, list[WarmKernel]] = {}
+        self._caches: dict[Path, EnvCache] = {}
+        self._key_cache: dict[str, EnvCache] = {}
+        self._cond = threading.Condition()
+        self._culler: threading.Thread | None = None
+        self._closed = False
+        self._runtime_dir: Path | None = None
+
+    @property
+    def config(self) -> FalMagic:
+        return self._config or settings()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _cache(self) -> EnvCache:
+        home = self.config.home_path()
+        cache = self._caches.get(home)
+        if cache is None or cache.installer_choice != self.config.installer:
+            cache = self._caches[home] = EnvCache(home, self.config.installer)
+        return cache
+
+    def runtime_dir(self) -> Path:
+        """This process's owner-only directory for connection files and IPC sockets (short path)."""
+        with self._cond:
+            if self._runtime_dir is None:
+                self._runtime_dir = Path(tempfile.mkdtemp(prefix="fal_magic-"))
+            return self._runtime_dir
+
+    def _ensure_culler(self) -> None:
+        if self._culler is None or not self._culler.is_alive():
+            self._culler = threading.Thread(target=self._cull_loop, name="fal_magic-culler", daemon=True)
+            self._culler.start()
+
+    # -- leasing ----------------------------------------------------------------------
+
+    def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log.info) -> WarmKernel:
+        """Lease an idle kernel of ``spec``'s key, starting one if all are busy and there is room."""
+        if max_kernels < 1:
+            raise FalMagicError(f"max_kernels must be at least 1, not {max_kernels}")
+        key = spec.key
+        with self._cond:
+            if self._closed:
+                raise FalMagicError("fal_magic is shutting down")
+            self._ensure_culler()
+            while True:
+                kernels = self._kernels.setdefault(key, [])
+                for k in kernels:
+                    if k.state == "idle":
+                        if not k.alive():  # crashed while idle: replace it
+                            self._forget(k)
+                            threading.Thread(target=k.shutdown, kwargs={"now": True}, daemon=True).start()
+                            break
+                        k.state = "busy"
+                        return k
+                else:
+                    if len(kernels) < max_kernels:
+                        kernel = WarmKernel(key, spec.requirements, self.runtime_dir())
+                        kernels.append(kernel)
+                        break
+                    self._cond.wait()
+        try:
+            cache = self._cache()
+            env = cache.get(spec, progress)
+            self._key_cache[key] = cache
+            started = time.perf_counter()
+            kernel.start(env, self.config.kernel_start_timeout)
+            progress(f"kernel {kernel.id} started on environment {key} in {time.perf_counter() - started:.2f}s")
+        except BaseException:
+            with self._cond:
+                self._forget(kernel)
+            kernel.shutdown(now=True)
+            raise
+        with self._cond:
+            kernel.state = "busy"
+            if self._closed:
+                self._forget(kernel)
+                kernel.shutdown(now=True)
+                raise FalMagicError("fal_magic is shutting down")
+        return kernel
+
+    def release(self, kernel: WarmKernel, keep_alive: float) -> None:
+        """Give a leased kernel back; it stays warm until the latest deadline any call promised it."""
+        with self._cond:
+            if kernel.state == "dead" or not kernel.alive():
+                self._forget(kernel)
+                shutdown = True
+            else:
+                kernel.deadline = max(kernel.deadline, time.time() + keep_alive)
+                kernel.state = "idle"
+                shutdown = False
+            self._cond.notify_all()
+        if shutdown:
+            kernel.shutdown(now=True)
+
+    def _forget(self, kernel: WarmKernel) -> None:
+        """Drop a kernel from the table (lock held); release the env's lock when its key has none left."""
+        kernels = self._kernels.get(kernel.key, [])
+        if kernel in kernels:
+            kernels.remove(kernel)
+        if not kernels:
+            self._kernels.pop(kernel.key, None)
+            cache = self._key_cache.pop(kernel.key, None)
+            if cache is not None:
+                cache.release(kernel.key)
+        self._cond.notify_all()
+
+    @contextmanager
+    def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1,
+              progress: Progress = log.info) -> Iterator[WarmKernel]:
+        """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
+        kernel = self.acquire(spec, max_kernels, progress)
+        try:
+            yield kernel
+        finally:
+            self.release(kernel, keep_alive)
+
+    # -- the client path shared by the decorator and the magics ------------------------------
+
+    def call(self, spec: EnvSpec, frames: list, sink: OutputSink, *, keep_alive: float,
+             max_kernels: int = 1, progress: Progress = log.info) -> Reply:
+        """Run a pickled call on a warm kernel of ``spec``'s key."""
+        with self.lease(spec, keep_alive, max_kernels, progress) as kernel:
+            return kernel.call(frames, sink, self.config.interrupt_grace)
+
+    def execute(self, spec: EnvSpec, code: str, sink: OutputSink, *, keep_alive: float,
+                progress: Progress = log.info) -> Reply:
+        """Run cell source in the (single, persistent-namespace) kernel of ``spec``'s key."""
+        with self.lease(spec, keep_alive, 1, progress) as kernel:
+            return kernel.execute(code, sink, self.config.interrupt_grace)
+
+    # -- culling and shutdown --------------------------------------------------------------
+
+    def _cull_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.time()
+                expired = [k for ks in self._kernels.values() for k in ks
+                           if k.state == "idle" and k.deadline <= now]
+                for k in expired:
+                    k.state = "stopping"
+                    self._forget(k)
+                if not expired:
+                    deadlines = [k.deadline for ks in self._kernels.values() for k in ks if k.state == "idle"]
+                    wait = self.config.culler_interval
+                    if deadlines:
+                        wait = min(wait, max(0.0, min(deadlines) - now))
+                    self._cond.wait(timeout=max(wait, 0.005))
+                    continue
+            for k in expired:
+                log.debug("culling kernel %s of environment %s", k.id, k.key)
+                k.shutdown()
+
+    def shutdown(self, keys: list[str] | None = None) -> list[str]:
+        """Shut down the kernels of ``keys`` (all when None) now, in parallel; return their ids.
+
+        A key may be given by any unique prefix. Busy kernels are interrupted first.
+        """
+        with self._cond:
+            victims = []
+            for key, ks in list(self._kernels.items()):
+                if keys is None or any(key.startswith(p) for p in keys):
+                    victims.extend(ks)
+            for k in victims:
+                k.state = "stopping"
+                self._forget(k)
+        threads = [threading.Thread(target=k.shutdown, daemon=True) for k in victims]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        return [k.id for k in victims]
+
+    def close(self) -> None:
+        """Shut every kernel down and remove the runtime directory (at interpreter exit)."""
+        self.shutdown()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            runtime_dir, self._runtime_dir = self._runtime_dir, None
+        if runtime_dir is not None:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+
+    def snapshot(self) -> list[KernelInfo]:
+        """The live kernels as plain records, oldest first."""
+        with self._cond:
+            return [
+                KernelInfo(key=k.key, kernel_id=k.id, requirements=k.requirements, pid=k.pid, state=k.state,
+                           calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline)
+                for ks in self._kernels.values() for k in ks
+            ]
+
+
+_pool: KernelPool | None = None
+_pool_lock = threading.Lock()
+
+
+def get_pool() -> KernelPool:
+    """The process-wide pool, created on first use and closed at interpreter exit."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._closed:
+            _pool = KernelPool()
+            atexit.register(_pool.close)
+        return _pool

@@ -1,0 +1,130 @@
+"""The code that runs inside a warm kernel, and the frame format both sides share.
+
+The host sends this file's source into a fresh kernel once (so environments need no fal_magic
+install); there it registers the ``fal_magic`` comm target. Each call arrives as a comm message whose
+binary buffers hold a cloudpickled ``(function, args, kwargs)``; the function runs in the kernel's
+shell handler, so its prints are published on iopub under the call's own message. The reply is a
+comm message with the pickled result, or a description of the exception.
+
+Imports: the standard library and cloudpickle only. The host imports the helpers below too.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import traceback
+from typing import Any
+
+import cloudpickle
+
+COMM_TARGET = "fal_magic"
+PROTOCOL = 5
+
+
+def dumps(obj: Any) -> list:
+    """Pickle ``obj`` into frames: the pickle stream, then each large buffer out of band (pickle 5)."""
+    buffers: list = []
+    head = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    return [head, *(b.raw() for b in buffers)]
+
+
+def loads(frames: list) -> Any:
+    """Inverse of ``dumps``; buffers are copied into writable memory (arrays may be changed in place)."""
+    head, *rest = frames
+    return cloudpickle.loads(head, buffers=[bytearray(b) for b in rest])
+
+
+def type_name(obj_or_type: Any) -> str:
+    """``module.Qualname`` of a type (or of an object's type); builtins without the module."""
+    cls = obj_or_type if isinstance(obj_or_type, type) else type(obj_or_type)
+    mod = getattr(cls, "__module__", "") or ""
+    return cls.__qualname__ if mod == "builtins" else f"{mod}.{cls.__qualname__}"
+
+
+def describe_exception(exc: BaseException) -> dict:
+    """Everything the host needs to rebuild ``exc``: its chain, each link pickled where possible,
+    and the traceback text (with chain) as a fallback."""
+    chain = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__cause__ is not None:
+            link, nxt = "cause", current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            link, nxt = "context", current.__context__
+        else:
+            link, nxt = None, None
+        try:
+            pickled = cloudpickle.dumps(current, protocol=PROTOCOL)
+        except Exception:
+            pickled = None
+        chain.append({"type": type_name(current), "message": str(current), "pickled": pickled, "link": link})
+        current = nxt
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"chain": chain, "traceback": text}
+
+
+class Runtime:
+    """Serves calls on one comm; one per kernel."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+
+    def open(self, comm: Any, msg: dict) -> None:
+        """A host connected: tell it who we are so it can check versions before any pickle crosses."""
+        comm.on_msg(lambda m: self.handle(comm, m))
+        comm.send({
+            "op": "hello",
+            "pid": os.getpid(),
+            "python": list(sys.version_info[:3]),
+            "implementation": sys.implementation.name,
+            "cloudpickle": cloudpickle.__version__,
+            "executable": sys.executable,
+        })
+
+    def handle(self, comm: Any, msg: dict) -> None:
+        data = msg["content"]["data"]
+        op = data.get("op")
+        reply: dict = {"op": "result", "id": data.get("id")}
+        frames: list = []
+        try:
+            if op != "call":
+                raise ValueError(f"fal_magic runtime: unknown operation {op!r}")
+            try:
+                fn, args, kwargs = loads(msg["buffers"])
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # the user's error, KeyboardInterrupt included
+                if exc.__traceback__ is not None:  # hide this handler's own frame
+                    exc.__traceback__ = exc.__traceback__.tb_next
+                reply.update(ok=False, kind="exception")
+                frames = dumps(describe_exception(exc))
+            else:
+                try:
+                    frames = dumps(result)
+                    reply.update(ok=True, type=type_name(result))
+                except BaseException as exc:
+                    reply.update(ok=False, kind="serialization",
+                                 message=f"the result, of type {type_name(result)}, cannot be pickled: "
+                                         f"{type(exc).__name__}: {exc}")
+                    frames = []
+                del result
+        except BaseException as exc:  # e.g. an interrupt that lands between the steps above
+            reply.update(ok=False, kind="exception")
+            frames = dumps(describe_exception(exc))
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+        comm.send(reply, buffers=frames)
+
+
+def install(shell: Any) -> None:
+    """Register the comm target in this kernel (idempotent), and dump tracebacks on fatal signals."""
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    manager = shell.kernel.comm_manager
+    runtime = Runtime(shell)
+    manager.register_target(COMM_TARGET, runtime.open)

@@ -1,0 +1,69 @@
+"""Where a kernel's outputs go: into the calling cell in a notebook, the terminal otherwise.
+
+The decorator and the magics hand the same sink to the kernel pool. A sink keeps a copy of the
+context it was created in and writes inside it, so the outputs of a call that a worker thread
+serves (``.submit``, ``.map``) still land in the cell that started it: ipykernel 7 keeps the
+current cell's parent header in contextvars.
+"""
+from __future__ import annotations
+
+import contextvars
+import sys
+from typing import Any, Protocol
+
+
+class OutputSink(Protocol):
+    """Receives what the kernel produced for one request, as it arrives."""
+
+    def stream(self, name: str, text: str) -> None: ...
+
+    def display(self, msg_type: str, content: dict[str, Any]) -> None: ...
+
+
+def _ipython() -> Any:
+    """The running IPython shell, or None in a plain interpreter."""
+    mod = sys.modules.get("IPython")
+    if mod is None:
+        return None
+    try:
+        return mod.get_ipython()
+    except Exception:
+        return None
+
+
+class CallerOutput:
+    """Writes streams to the caller's ``sys.stdout``/``sys.stderr`` and rich outputs through IPython's
+    display machinery (plain text outside IPython), in the context where it was created."""
+
+    def __init__(self) -> None:
+        self._context = contextvars.copy_context()
+
+    def stream(self, name: str, text: str) -> None:
+        self._context.run(self._stream, name, text)
+
+    def display(self, msg_type: str, content: dict[str, Any]) -> None:
+        self._context.run(self._display, msg_type, content)
+
+    @staticmethod
+    def _stream(name: str, text: str) -> None:
+        target = sys.stderr if name == "stderr" else sys.stdout
+        target.write(text)
+        target.flush()
+
+    @staticmethod
+    def _display(msg_type: str, content: dict[str, Any]) -> None:
+        data = content.get("data", {})
+        metadata = content.get("metadata", {})
+        transient = content.get("transient", {}) or {}
+        shell = _ipython()
+        if shell is not None and hasattr(shell, "display_pub"):
+            from IPython.display import publish_display_data
+
+            publish_display_data(data=data, metadata=metadata, transient=transient,
+                                 update=msg_type == "update_display_data")
+            return
+        text = data.get("text/plain")
+        if text is not None:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+

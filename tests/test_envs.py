@@ -1,0 +1,100 @@
+"""The environment cache: built once, shared across processes, never half-built."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fal_magic import EnvironmentBuildError, isolated
+from fal_magic.envs import EnvCache, make_spec
+from fal_magic.envs.cache import MARKER
+
+
+def _built_dirs(home):
+    envs = home / "envs"
+    return sorted(p.name for p in envs.iterdir()) if envs.exists() else []
+
+
+def test_missing_package_is_a_build_error_and_leaves_nothing(fal_home):
+    bad = "fal-magic-no-such-package-xyz==1.0"
+
+    @isolated(requirements=[bad, "humanize==4.16.0"])
+    def never():
+        return 1
+
+    for _ in range(2):  # a retry behaves the same
+        with pytest.raises(EnvironmentBuildError) as info:
+            never()
+        message = str(info.value)
+        assert "fal-magic-no-such-package-xyz" in message.split("\n")[0]
+        assert "humanize" not in message.split("\n")[0]
+        assert "not found" in message or "No matching distribution" in message  # the installer's own text
+        assert never.spec.key not in _built_dirs(fal_home)
+
+
+def test_environment_is_reused_without_reinstall(fal_home):
+    cache = EnvCache(fal_home)
+    spec = make_spec(["humanize==4.16.0"])
+    lines = []
+    env = cache.get(spec, lines.append)  # built by the seed test or now
+    marker = (env.path / MARKER).stat().st_mtime
+    lines.clear()
+    again = EnvCache(fal_home).get(spec, lines.append)
+    assert again.path == env.path and lines == []
+    assert (env.path / MARKER).stat().st_mtime == marker
+    cache.release(spec.key)
+
+
+def test_remains_of_a_killed_build_are_rebuilt(fal_home, tmp_path):
+    cache = EnvCache(tmp_path / "home")
+    spec = make_spec([])
+    half = cache.path_for(spec.key)
+    (half / "bin").mkdir(parents=True)  # what a build killed half-way leaves: no marker
+    (half / "junk").write_text("x")
+    env = cache.get(spec)
+    assert (env.path / MARKER).exists() and not (env.path / "junk").exists()
+    assert env.python.exists()
+    cache.release(spec.key)
+
+
+def test_two_and_four_processes_build_one_new_key_once(tmp_path):
+    home = tmp_path / "home"
+    script = textwrap.dedent("""
+        import sys
+        from fal_magic.envs import EnvCache, make_spec
+        lines = []
+        env = EnvCache(sys.argv[1]).get(make_spec(["text-unidecode==1.3"]), lines.append)
+        print(env.path, any("building" in l for l in lines))
+    """)
+    for n in (2, 4):
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(home / str(n))], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+        paths = {o[0].split()[0] for o in outs}
+        builders = [o[0].split()[1] for o in outs].count("True")
+        assert len(paths) == 1 and builders == 1
+        assert _built_dirs(home / str(n)) == [make_spec(["text-unidecode==1.3"]).key]
+
+
+def test_cache_directories_are_owner_only(fal_home):
+    import stat
+
+    for d in (fal_home, fal_home / "envs", fal_home / "locks"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path):
+    import os
+
+    from fal_magic import FalMagicError
+
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root ignores modes: make the path unusable another way
+        locked.rmdir()
+        locked.write_text("a file, not a directory")
+    with pytest.raises(FalMagicError, match=str(locked)):
+        EnvCache(locked / "home").get(make_spec([]))

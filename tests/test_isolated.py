@@ -1,0 +1,481 @@
+"""@isolated end to end: real virtualenvs, real installs, real kernels."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+import fal_magic
+from fal_magic import (
+    EnvironmentBuildError,
+    FalMagicError,
+    KernelDiedError,
+    RemoteError,
+    SerializationError,
+    isolated,
+)
+from fal_magic.kernels import get_pool
+
+from .conftest import pid_alive, wait_until
+
+SCALE = 7  # a module-level global that functions below use
+
+
+def helper(x):
+    """A module-level helper: travels with the functions that use it."""
+    return x * SCALE
+
+
+class Point:
+    """A class defined in the test module: instances cross both ways."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+class CustomError(Exception):
+    pass
+
+
+@isolated(keep_alive=300)
+def get_two():
+    return 1 + 1
+
+
+@isolated(keep_alive=30)
+def whoami():
+    return os.getpid()
+
+
+@isolated(keep_alive=30, requirements=["humanize==4.16.0"])
+def nice(n):
+    import humanize  # not installed where the tests run
+
+    return humanize.intcomma(n)
+
+
+def test_humanize_is_not_on_the_host():
+    assert importlib.util.find_spec("humanize") is None
+
+
+def test_seed_examples():
+    assert get_two() == 2
+    assert get_two() == 2
+    assert nice(10**6) == "1,000,000"
+
+
+def test_warm_calls_reuse_the_same_kernel_process():
+    first = whoami()
+    assert first != os.getpid()
+    assert whoami() == first
+    assert whoami() == first
+    info = [k for k in get_pool().snapshot() if k.pid == first]
+    assert len(info) == 1 and info[0].calls == 3 and info[0].state == "idle"
+
+
+def test_the_kernel_runs_the_environments_python_not_the_hosts():
+    @isolated
+    def where():
+        import sys
+
+        return sys.prefix, sys.version_info[:2]
+
+    prefix, version = where()
+    assert prefix != sys.prefix
+    assert prefix.startswith(os.environ["FAL_MAGIC_HOME"])
+    assert tuple(version) == sys.version_info[:2]
+
+
+def test_two_pins_of_one_package_side_by_side():
+    @isolated(requirements=["humanize==4.15.0"])
+    def old_version():
+        from importlib.metadata import version
+
+        return version("humanize")
+
+    @isolated(requirements=["humanize==4.16.0"])
+    def new_version():
+        from importlib.metadata import version
+
+        return version("humanize")
+
+    assert old_version() == "4.15.0"
+    assert new_version() == "4.16.0"
+    assert old_version() == "4.15.0"
+    assert len({k.key for k in get_pool().snapshot()}) == 2
+
+
+def test_closures_module_helpers_and_classes_travel():
+    offset = 5
+
+    @isolated
+    def compute(p: Point):
+        return Point(helper(p.x) + offset, p.y)
+
+    result = compute(Point(2, "y"))
+    assert isinstance(result, Point)
+    assert (result.x, result.y) == (2 * SCALE + 5, "y")
+
+
+def test_arguments_and_keyword_arguments_cross():
+    @isolated
+    def combine(a, b=1, *rest, c, **extra):
+        return a, b, rest, c, extra
+
+    assert combine(1, 2, 3, c=4, d=5) == (1, 2, (3,), 4, {"d": 5})
+
+
+def test_numpy_array_round_trip():
+    np = pytest.importorskip("numpy")
+
+    @isolated(requirements=["numpy"])
+    def double(a):
+        a *= 2  # in place: received arrays are writable
+        return a
+
+    arr = np.arange(1_000_000, dtype=np.float64)
+    out = double(arr)
+    assert out.dtype == arr.dtype and (out == arr * 2).all()
+
+
+def test_wraps_keeps_name_doc_signature_and_func():
+    def area(width: float, height: float = 1.0) -> float:
+        """Area of a rectangle."""
+        return width * height
+
+    f = isolated(keep_alive=1)(area)
+    assert f.__name__ == "area"
+    assert f.__doc__ == "Area of a rectangle."
+    assert inspect.signature(f) == inspect.signature(area)
+    assert f.func is area
+    assert f(2, 3) == 6
+
+
+def test_on_returns_a_copy_with_changed_options():
+    g = whoami.on(keep_alive=0)
+    assert g.keep_alive == 0 and whoami.keep_alive == 30
+    assert g.spec == whoami.spec
+    with pytest.raises(FalMagicError, match="unknown option"):
+        whoami.on(keepalive=3)
+
+
+def test_decorator_forms():
+    @isolated
+    def bare():
+        return "bare"
+
+    @isolated()
+    def empty():
+        return "empty"
+
+    @isolated("virtualenv", requirements=[], keep_alive=1)
+    def kind_first():
+        return "kind"
+
+    assert (bare(), empty(), kind_first()) == ("bare", "empty", "kind")
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(FalMagicError, match="kind 'conda' is not supported.*virtualenv"):
+        isolated("conda")
+    with pytest.raises(FalMagicError, match="keep_alive"):
+        isolated(keep_alive=-1)
+    with pytest.raises(FalMagicError, match="max_kernels"):
+        isolated(max_kernels=0)
+    with pytest.raises(EnvironmentBuildError, match="invalid requirement 'numpy>>1'"):
+        isolated(requirements=["numpy>>1"])
+
+
+# -- exceptions -----------------------------------------------------------------------------
+
+
+def test_exception_type_message_and_remote_traceback():
+    @isolated
+    def fail(n):
+        if n > 0:
+            raise CustomError(f"bad value {n}")
+
+    with pytest.raises(CustomError, match="bad value 3") as info:
+        fail(3)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "traceback in the isolated kernel" in notes
+    assert "in fail" in notes and __file__ in notes
+    assert 'raise CustomError(f"bad value {n}")' in notes
+
+
+def test_chained_exceptions_keep_their_chain():
+    @isolated
+    def chained():
+        try:
+            {}["missing"]
+        except KeyError as exc:
+            raise ValueError("explicit") from exc
+
+    @isolated
+    def implicit():
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            raise RuntimeError("during handling")
+
+    with pytest.raises(ValueError, match="explicit") as info:
+        chained()
+    assert isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(RuntimeError) as info:
+        implicit()
+    assert isinstance(info.value.__context__, ZeroDivisionError)
+
+
+def test_exception_class_that_exists_only_in_the_env_is_a_remote_error():
+    @isolated
+    def raise_env_only():
+        import sys
+        import types
+
+        mod = types.ModuleType("env_only_errors")
+        exec("class EnvOnlyError(Exception):\n    pass", mod.__dict__)
+        sys.modules["env_only_errors"] = mod
+        raise mod.EnvOnlyError("only in the env")
+
+    with pytest.raises(RemoteError) as info:
+        raise_env_only()
+    err = info.value
+    assert err.type_name == "env_only_errors.EnvOnlyError"
+    assert err.remote_message == "only in the env"
+    assert "raise mod.EnvOnlyError" in err.traceback_text
+    assert "env_only_errors.EnvOnlyError: only in the env" in "\n".join(err._render_traceback_())
+
+
+def test_module_not_found_hints_at_requirements():
+    @isolated(requirements=["humanize==4.16.0"])
+    def needs_tabulate():
+        import tabulate  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError) as info:
+        needs_tabulate()
+    notes = "\n".join(info.value.__notes__)
+    assert "'tabulate' is not installed in the isolated environment" in notes
+    assert "humanize==4.16.0" in notes
+
+
+# -- serialization ---------------------------------------------------------------------------
+
+
+def test_unpicklable_argument_names_it_and_starts_nothing():
+    lock = threading.Lock()
+
+    @isolated
+    def use(thing):
+        return thing
+
+    with pytest.raises(SerializationError, match=r"argument 'thing' of .*use\(\), of type _thread.lock"):
+        use(lock)
+    with pytest.raises(SerializationError, match="keyword argument 'thing'.*generator"):
+        use(thing=(i for i in range(3)))
+    assert get_pool().snapshot() == []
+
+
+def test_unpicklable_closure_names_the_variable():
+    lock = threading.Lock()
+
+    @isolated
+    def uses_lock():
+        return lock.locked()
+
+    with pytest.raises(SerializationError, match="uses 'lock' from an enclosing scope, of type _thread.lock"):
+        uses_lock()
+    assert get_pool().snapshot() == []
+
+
+def test_unpicklable_result_is_a_serialization_error_and_the_kernel_stays():
+    @isolated(keep_alive=30)
+    def make_generator():
+        import os
+
+        return (os.getpid() for _ in range(1))
+
+    @isolated(keep_alive=30)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    with pytest.raises(SerializationError, match="result, of type generator, cannot be pickled"):
+        make_generator()
+    assert pid_alive(pid())
+    assert len(get_pool().snapshot()) == 1
+
+
+def test_result_whose_class_exists_only_in_the_env():
+    @isolated(keep_alive=30)
+    def env_only_result():
+        import sys
+        import types
+
+        mod = types.ModuleType("env_only_values")
+        exec("class Thing:\n    pass", mod.__dict__)
+        sys.modules["env_only_values"] = mod
+        return mod.Thing()
+
+    with pytest.raises(SerializationError, match="env_only_values.Thing, cannot be unpickled here"):
+        env_only_result()
+    assert get_pool().snapshot()[0].state == "idle"
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+class _TimedStream:
+    """Records when each piece of text was written, to see output arrive while a call runs."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append((time.monotonic(), text))
+
+    def flush(self):
+        pass
+
+    def text(self):
+        return "".join(t for _, t in self.writes)
+
+
+def test_prints_stream_to_the_caller_while_the_function_runs(monkeypatch):
+    out, err = _TimedStream(), _TimedStream()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+
+    @isolated
+    def chatty():
+        import sys
+        import time
+
+        print("first line")
+        sys.stdout.flush()
+        print("to stderr", file=sys.stderr)
+        time.sleep(2)
+        print("last line")
+        return "done"
+
+    get_pool().acquire(chatty.spec)  # start the kernel first, so that timing is the call's alone
+    get_pool().shutdown()
+    assert chatty() == "done"
+    ended = time.monotonic()
+    assert "first line\n" in out.text() and "last line\n" in out.text()
+    assert "to stderr" in err.text() and "first line" not in err.text()
+    first_at = next(t for t, text in out.writes if "first line" in text)
+    assert ended - first_at > 1.0, "the first print arrived only when the call ended"
+
+
+# -- kernels dying, interrupts, threads -------------------------------------------------------
+
+
+def test_kernel_death_raises_and_the_next_call_gets_a_fresh_kernel():
+    @isolated(keep_alive=30)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    @isolated(keep_alive=30)
+    def die():
+        import os
+        import sys
+
+        print("about to exit", file=sys.__stderr__, flush=True)
+        os._exit(3)
+
+    before = pid()
+    started = time.monotonic()
+    with pytest.raises(KernelDiedError, match="exited with code 3") as info:
+        die()
+    assert time.monotonic() - started < 30
+    assert info.value.exit_code == 3
+    assert "about to exit" in info.value.stderr_tail
+    after = pid()
+    assert after != before and pid_alive(after) and not pid_alive(before)
+
+
+def test_ctrl_c_interrupts_the_remote_call_and_the_kernel_survives():
+    @isolated(keep_alive=30)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    @isolated(keep_alive=30)
+    def slow():
+        import time
+
+        time.sleep(30)
+
+    before = pid()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        slow()
+    assert time.monotonic() - started < 10
+    assert pid() == before
+
+
+def test_threads_share_a_key_safely():
+    @isolated(keep_alive=30)
+    def square(x):
+        return x * x
+
+    results = {}
+
+    def worker(n):
+        results[n] = [square(n * 100 + i) for i in range(10)]
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == {n: [(n * 100 + i) ** 2 for i in range(10)] for n in range(4)}
+    assert len(get_pool().snapshot()) == 1  # max_kernels=1: calls queued on one kernel
+
+
+def test_submit_and_map_over_two_kernels():
+    @isolated(keep_alive=30, max_kernels=2)
+    def slow_pid(x):
+        import os
+        import time
+
+        time.sleep(0.3)
+        return x, os.getpid()
+
+    fut = slow_pid.submit(1)
+    assert fut.result(timeout=120)[0] == 1
+    out = list(slow_pid.map(range(8)))
+    assert [x for x, _ in out] == list(range(8))
+    assert len({p for _, p in out}) == 2
+
+
+def test_warmup_starts_the_kernel_without_calling():
+    @isolated(keep_alive=30)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    pid.warmup().result(timeout=120)
+    [info] = get_pool().snapshot()
+    assert info.state == "idle" and info.calls == 0
+    assert pid() == info.pid
+
+
+def test_public_names():
+    for name in ["isolated", "configure", "FalMagicError", "EnvironmentBuildError", "KernelDiedError",
+                 "KernelStartError", "RemoteError", "SerializationError"]:
+        assert hasattr(fal_magic, name)
+    assert issubclass(SerializationError, FalMagicError)

@@ -1,0 +1,106 @@
+"""Keep-alive, culling and cleanup: kernels live exactly as long as promised, and never longer."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from fal_magic import isolated
+from fal_magic.kernels import get_pool
+
+from .conftest import kernel_pids, pid_alive, wait_until
+
+
+def _pid_fn(keep_alive):
+    @isolated(keep_alive=keep_alive)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    return pid
+
+
+def test_idle_kernel_is_culled_after_its_keep_alive():
+    pid = _pid_fn(1.0)
+    kernel_pid = pid()
+    [info] = get_pool().snapshot()
+    assert 0 < info.seconds_left <= 1.0
+    assert pid_alive(kernel_pid)
+    assert wait_until(lambda: not pid_alive(kernel_pid), timeout=10)
+    assert get_pool().snapshot() == []
+
+
+def test_keep_alive_zero_shuts_down_right_after_the_call():
+    pid = _pid_fn(0)
+    kernel_pid = pid()
+    assert wait_until(lambda: not pid_alive(kernel_pid), timeout=10)
+    assert get_pool().snapshot() == []
+
+
+def test_each_call_restarts_the_timer():
+    pid = _pid_fn(2.5)
+    first = pid()
+    for _ in range(3):  # 3 x 1.5 s: past the first call's deadline, but never 2.5 s idle
+        time.sleep(1.5)
+        assert pid() == first
+    assert wait_until(lambda: not pid_alive(first), timeout=10)
+
+
+def test_a_short_keep_alive_never_cuts_short_a_longer_promise():
+    long = _pid_fn(30)
+    short = long.on(keep_alive=0)
+    first = long()
+    assert short() == first  # same key, same kernel
+    time.sleep(1.0)
+    assert pid_alive(first)
+    [info] = get_pool().snapshot()
+    assert info.seconds_left > 20
+
+
+def _script(body: str) -> str:
+    return textwrap.dedent("""
+        import os, sys
+        from fal_magic import isolated
+
+        @isolated(keep_alive=300)
+        def pid():
+            import os
+            return os.getpid()
+    """) + textwrap.dedent(body)
+
+
+def test_kernels_stop_when_the_host_exits_normally(fal_home):
+    out = subprocess.run([sys.executable, "-c", _script("print(pid(), flush=True)")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    kernel_pid = int(out.stdout.split()[0])
+    assert wait_until(lambda: not pid_alive(kernel_pid), timeout=10)
+
+
+def test_kernels_exit_when_the_host_is_killed(fal_home):
+    body = """
+        from fal_magic.envs import make_spec
+        from fal_magic.kernels import get_pool
+        pool = get_pool()
+        leased = [pool.acquire(make_spec([]), max_kernels=3) for _ in range(3)]
+        for k in leased:
+            pool.release(k, 300)
+        print(" ".join(str(k.pid) for k in leased), flush=True)
+        sys.stdin.read()
+    """
+    proc = subprocess.Popen([sys.executable, "-c", _script(body)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=8), "orphan kernels"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: not kernel_pids(fal_home), timeout=5)

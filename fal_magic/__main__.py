@@ -34,7 +34,7 @@ def demo(keep_alive: float = 3.0) -> int:
     """A cold call, warm calls, then the idle culler at work, with the times of each."""
     from . import isolated
     from .envs import make_spec
-    from .kernels import get_pool
+    from .kernel import get_pool
 
     requirements = ["humanize==4.16.0"]
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable, Iterator
 from .config import settings
 from .envs import EnvSpec, make_spec
 from .errors import FalMagicError
-from .kernels import get_pool
-from .kernels.wire import code_files, dump_call, load_result
+from .kernel import get_pool
+from .kernel.wire import code_files, dump_call, load_result
 from .outputs import CallerOutput
 
 log = logging.getLogger("fal_magic")

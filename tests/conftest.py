@@ -60,7 +60,7 @@ def _session_home(fal_home: Path):
     """Point fal_magic (and every process a test starts) at the shared cache; check for orphans at the end."""
     os.environ["FAL_MAGIC_HOME"] = str(fal_home)
     yield
-    from fal_magic.kernels import get_pool
+    from fal_magic.kernel import get_pool
 
     get_pool().close()
     assert wait_until(lambda: not kernel_pids(fal_home), timeout=15), (
@@ -71,7 +71,7 @@ def _session_home(fal_home: Path):
 def _fresh_pool():
     """Each test starts with no warm kernels and leaves none behind."""
     from fal_magic import config
-    from fal_magic.kernels import get_pool
+    from fal_magic.kernel import get_pool
 
     yield
     get_pool().shutdown()

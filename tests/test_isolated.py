@@ -20,7 +20,7 @@ from fal_magic import (
     SerializationError,
     isolated,
 )
-from fal_magic.kernels import get_pool
+from fal_magic.kernel import get_pool
 
 from .conftest import pid_alive, wait_until
 

@@ -9,7 +9,7 @@ import textwrap
 import time
 
 from fal_magic import isolated
-from fal_magic.kernels import get_pool
+from fal_magic.kernel import get_pool
 
 from .conftest import kernel_pids, pid_alive, wait_until
 
@@ -84,7 +84,7 @@ def test_kernels_stop_when_the_host_exits_normally(fal_home):
 def test_kernels_exit_when_the_host_is_killed(fal_home):
     body = """
         from fal_magic.envs import make_spec
-        from fal_magic.kernels import get_pool
+        from fal_magic.kernel import get_pool
         pool = get_pool()
         leased = [pool.acquire(make_spec([]), max_kernels=3) for _ in range(3)]
         for k in leased:

@@ -23,7 +23,7 @@ from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec
 from ..errors import FalMagicError, KernelDiedError
 from ..outputs import OutputSink
-from .kernel import Reply, WarmKernel
+from .warm import Reply, WarmKernel
 
 log = logging.getLogger("fal_magic")
 

@@ -19,6 +19,8 @@ from .errors import (
     SerializationError,
 )
 
+from .widget import kernels
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -32,7 +34,24 @@ __all__ = [
     "SerializationError",
     "configure",
     "isolated",
+    "kernels",
+    "load_ipython_extension",
+    "unload_ipython_extension",
 ]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext fal_magic``: register ``%%isolated``, ``%isolated_kernels`` and ``%isolated_shutdown``."""
+    from .magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext fal_magic``."""
+    from .magics import unload
+
+    unload(ipython)
 
 
 class _ProgressHandler(logging.Handler):

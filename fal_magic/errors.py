@@ -4,6 +4,10 @@ This module imports nothing from the rest of the package, so any layer may use i
 """
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
 
 class FalMagicError(Exception):
     """Base class of all fal_magic errors."""
@@ -49,7 +53,7 @@ class RemoteError(FalMagicError):
     def __str__(self) -> str:
         head = f"{self.type_name}: {self.remote_message}" if self.remote_message else self.type_name
         if self.traceback_text:
-            return f"{head}\n\nRemote traceback:\n{self.traceback_text.rstrip()}"
+            return f"{head}\n\nRemote traceback:\n{_ANSI.sub('', self.traceback_text).rstrip()}"
         return head
 
     def _render_traceback_(self) -> list[str]:

@@ -174,19 +174,13 @@ class KernelPool:
         finally:
             self.release(kernel, keep_alive)
 
-    # -- the client path shared by the decorator and the magics ------------------------------
+    # -- the client path shared by the decorator and the magics (they lease, then call/execute) --
 
     def call(self, spec: EnvSpec, frames: list, sink: OutputSink, *, keep_alive: float,
              max_kernels: int = 1, progress: Progress = log.info) -> Reply:
         """Run a pickled call on a warm kernel of ``spec``'s key."""
         with self.lease(spec, keep_alive, max_kernels, progress) as kernel:
             return kernel.call(frames, sink, self.config.interrupt_grace)
-
-    def execute(self, spec: EnvSpec, code: str, sink: OutputSink, *, keep_alive: float,
-                progress: Progress = log.info) -> Reply:
-        """Run cell source in the (single, persistent-namespace) kernel of ``spec``'s key."""
-        with self.lease(spec, keep_alive, 1, progress) as kernel:
-            return kernel.execute(code, sink, self.config.interrupt_grace)
 
     # -- culling and shutdown --------------------------------------------------------------
 

@@ -85,19 +85,21 @@ class Runtime:
         })
 
     def handle(self, comm: Any, msg: dict) -> None:
+        """Serve one request: run it, then reply with the pickled value or the exception."""
         data = msg["content"]["data"]
-        op = data.get("op")
         reply: dict = {"op": "result", "id": data.get("id")}
         frames: list = []
         try:
-            if op != "call":
-                raise ValueError(f"fal_magic runtime: unknown operation {op!r}")
             try:
-                fn, args, kwargs = loads(msg["buffers"])
-                result = fn(*args, **kwargs)
+                operation = getattr(self, "op_" + str(data.get("op")), None)
+                if operation is None:
+                    raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
+                result = operation(data, msg["buffers"])
             except BaseException as exc:  # the user's error, KeyboardInterrupt included
-                if exc.__traceback__ is not None:  # hide this handler's own frame
+                if exc.__traceback__ is not None:  # hide this handler's own frames
                     exc.__traceback__ = exc.__traceback__.tb_next
+                    if exc.__traceback__ is not None and exc.__traceback__.tb_frame.f_code.co_name.startswith("op_"):
+                        exc.__traceback__ = exc.__traceback__.tb_next
                 reply.update(ok=False, kind="exception")
                 frames = dumps(describe_exception(exc))
             else:
@@ -120,6 +122,22 @@ class Runtime:
                 except Exception:
                     pass
         comm.send(reply, buffers=frames)
+
+    def op_call(self, data: dict, buffers: list) -> Any:
+        """Run a pickled ``(function, args, kwargs)``."""
+        fn, args, kwargs = loads(buffers)
+        return fn(*args, **kwargs)
+
+    def op_push(self, data: dict, buffers: list) -> None:
+        """Set variables in the kernel's namespace (``%%isolated --push``)."""
+        self.shell.user_ns.update(loads(buffers))
+
+    def op_pull(self, data: dict, buffers: list) -> dict:
+        """Fetch variables from the kernel's namespace (``%%isolated --pull``)."""
+        missing = [n for n in data["names"] if n not in self.shell.user_ns]
+        if missing:
+            raise NameError(f"not defined in the isolated kernel: {', '.join(missing)}")
+        return {n: self.shell.user_ns[n] for n in data["names"]}
 
 
 def install(shell: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ _BOOTSTRAP = (
 
 #: Output message types forwarded to the caller as display outputs.
 DISPLAY_TYPES = ("display_data", "update_display_data", "execute_result")
+
+msg_counter = itertools.count().__next__
 
 #: How often, at the longest, liveness is checked while a request runs.
 LIVENESS_PERIOD = 0.2
@@ -255,22 +258,26 @@ class WarmKernel:
 
     # -- requests --------------------------------------------------------------------------
 
-    def call(self, frames: list, sink: OutputSink, interrupt_grace: float) -> Reply:
-        """Run a pickled call (frames from ``wire.dump_call``); return the comm reply with result frames."""
+    def call(self, frames: list, sink: OutputSink, interrupt_grace: float, op: str = "call",
+             **fields: Any) -> Reply:
+        """Send a runtime request: ``call`` (frames from ``wire.dump_call``), ``push`` (a pickled dict of
+        variables) or ``pull`` (``names=[...]``); return the comm reply with its frames."""
+        if op == "call":
+            self.calls += 1
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
-                                               "data": {"op": "call", "id": self.calls}})
+                                               "data": {"op": op, "id": msg_counter(), **fields}})
         self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
         return self._serve(msg["header"]["msg_id"], sink, interrupt_grace, expect_shell_reply=False)
 
     def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
         """Run cell source in the kernel's namespace; return the execute_reply content."""
+        self.calls += 1
         msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=False)
         return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
 
     def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool) -> Reply:
         """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel."""
         self.state = "busy"
-        self.calls += 1
         interrupted_at: float | None = None
         result: Reply | None = None
         last_check = time.monotonic()

@@ -18,7 +18,7 @@ import cloudpickle
 from ..errors import RemoteError, SerializationError
 from .runtime import describe_exception, dumps, loads, type_name
 
-__all__ = ["dump_call", "load_result", "rebuild_exception", "describe_exception", "dumps", "loads"]
+__all__ = ["dump_call", "dump_values", "load_result", "rebuild_exception", "describe_exception", "dumps", "loads"]
 
 _by_value_lock = threading.Lock()
 
@@ -53,6 +53,18 @@ def dump_call(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> list
         finally:
             if registered:
                 cloudpickle.unregister_pickle_by_value(mod)
+
+
+def dump_values(values: dict[str, Any]) -> list:
+    """Frames for a dict of named values (``%%isolated --push``); SerializationError names the variable."""
+    try:
+        return dumps(dict(values))
+    except Exception as exc:
+        for name, value in values.items():
+            if _fails(value):
+                raise SerializationError(f"variable {name!r}, of type {type_name(value)}, cannot be pickled "
+                                         f"({type(exc).__name__}: {exc})") from exc
+        raise SerializationError(f"the pushed variables cannot be pickled ({type(exc).__name__}: {exc})") from exc
 
 
 def _fails(obj: Any) -> Exception | None:

@@ -1,0 +1,125 @@
+"""IPython magics: ``%%isolated`` runs a cell in a warm kernel; ``%isolated_kernels``, ``%isolated_shutdown``.
+
+A thin layer over the same pool lease and kernel requests that ``@isolated`` uses.
+"""
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from .config import settings
+from .envs import make_spec
+from .errors import EnvironmentBuildError, RemoteError
+from .kernel import get_pool
+from .kernel.wire import dump_values, load_result
+from .outputs import CallerOutput
+from .widget import kernels
+
+
+def _parse(magic: Any, line: str) -> Any:
+    """Parse a magic's line like a shell would (quotes removed: ``"numpy<3"``); bad input is a UsageError."""
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse arguments: {exc}") from None
+    return magic.parser.parse_args(words)
+
+
+def _names(groups: list[str]) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``; each must be a Python identifier."""
+    names = [n.strip() for group in groups for n in group.split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"not a variable name: {', '.join(bad)}")
+    return names
+
+
+@magics_class
+class IsolatedMagics(Magics):
+    """The fal_magic magics."""
+
+    @magic_arguments()
+    @argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+              help="seconds the kernel stays warm after the cell (default: FalMagic.default_keep_alive)")
+    @argument("--requirements", nargs="+", default=[], metavar="REQ",
+              help="PEP 508 requirement specifiers for the cell's environment")
+    @argument("--push", action="append", default=[], metavar="NAME[,NAME...]",
+              help="notebook variables to send into the kernel before the cell runs")
+    @argument("--pull", action="append", default=[], metavar="NAME[,NAME...]",
+              help="kernel variables to copy back into the notebook after the cell runs")
+    @cell_magic
+    def isolated(self, line: str, cell: str) -> None:
+        """Run this cell in the warm isolated kernel of its requirements; outputs appear here.
+
+        The kernel's namespace persists between cells with the same requirements while it is warm.
+        """
+        __tracebackhide__ = True
+        args = _parse(self.isolated, line)
+        if args.keep_alive is not None and args.keep_alive < 0:
+            raise UsageError(f"--keep-alive must be >= 0, not {args.keep_alive:g}")
+        try:
+            spec = make_spec(args.requirements)
+        except EnvironmentBuildError as exc:
+            raise UsageError(str(exc)) from None
+        push, pull = _names(args.push), _names(args.pull)
+        missing = [n for n in push if n not in self.shell.user_ns]
+        if missing:
+            raise UsageError(f"--push: not defined in the notebook: {', '.join(missing)}")
+        push_frames = dump_values({n: self.shell.user_ns[n] for n in push}) if push else None
+        keep_alive = settings().default_keep_alive if args.keep_alive is None else args.keep_alive
+
+        pool = get_pool()
+        sink = CallerOutput()
+        grace = pool.config.interrupt_grace
+        pulled: dict[str, Any] = {}
+        with pool.lease(spec, keep_alive) as kernel:
+            if push_frames is not None:
+                pushed = kernel.call(push_frames, sink, grace, op="push")
+                load_result(pushed.content, pushed.buffers, spec.requirements)
+            reply = kernel.execute(cell, sink, grace).content
+            if reply["status"] == "ok" and pull:
+                pull_reply = kernel.call([], sink, grace, op="pull", names=pull)
+                pulled = load_result(pull_reply.content, pull_reply.buffers, spec.requirements)
+        if reply["status"] != "ok":
+            if reply.get("ename") == "KeyboardInterrupt":
+                raise KeyboardInterrupt("the isolated cell was interrupted")
+            raise RemoteError(reply.get("ename", "Error"), reply.get("evalue", ""),
+                              "\n".join(reply.get("traceback", [])))
+        self.shell.user_ns.update(pulled)
+
+    @line_magic
+    def isolated_kernels(self, line: str) -> Any:
+        """Show the warm kernels (a live table in a notebook)."""
+        if line.strip():
+            raise UsageError("%isolated_kernels takes no arguments")
+        return kernels()
+
+    @magic_arguments()
+    @argument("keys", nargs="*", metavar="KEY", help="requirement keys (or unique prefixes) to shut down")
+    @argument("--all", action="store_true", help="shut down every warm kernel")
+    @line_magic
+    def isolated_shutdown(self, line: str) -> None:
+        """Shut down warm kernels now: ``%isolated_shutdown KEY ...`` or ``%isolated_shutdown --all``."""
+        args = _parse(self.isolated_shutdown, line)
+        if bool(args.keys) == args.all:
+            raise UsageError("give one or more KEYs, or --all")
+        stopped = get_pool().shutdown(None if args.all else args.keys)
+        print(f"shut down {len(stopped)} kernel(s)")
+
+
+def load(ipython: Any) -> None:
+    """Register the magics and read ``c.FalMagic`` options from the shell's config."""
+    settings().update_config(ipython.config)
+    ipython.register_magics(IsolatedMagics)
+
+
+def unload(ipython: Any) -> None:
+    """Remove the magics again (warm kernels stay; ``%isolated_shutdown --all`` stops them)."""
+    magics = ipython.magics_manager.magics
+    magics["cell"].pop("isolated", None)
+    for name in ("isolated_kernels", "isolated_shutdown"):
+        magics["line"].pop(name, None)

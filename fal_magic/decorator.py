@@ -98,7 +98,7 @@ class IsolatedFunction:
     def _run(self, frames: list, sink: CallerOutput | None = None) -> Any:
         __tracebackhide__ = True
         reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
-                                max_kernels=self.max_kernels)
+                                max_kernels=self.max_kernels, machine_type=self._options["machine_type"])
         return load_result(reply.content, reply.buffers, self.spec.requirements, code_files(self.func))
 
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -134,7 +134,8 @@ class IsolatedFunction:
             leased = []
             try:  # hold each new kernel so that the next acquire starts another, up to max_kernels
                 for _ in range(self.max_kernels):
-                    leased.append(pool.acquire(self.spec, self.max_kernels))
+                    leased.append(pool.acquire(self.spec, self.max_kernels,
+                                               machine_type=self._options["machine_type"]))
             finally:
                 for kernel in leased:
                     pool.release(kernel, self.keep_alive)

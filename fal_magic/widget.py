@@ -1,37 +1,56 @@
-"""The kernel list: ``fal_magic.kernels()``, a view of the pool's snapshot.
+"""The kernel list: ``fal_magic.kernels()``, a view of ``KernelPool.snapshot()`` and nothing else.
 
-In a notebook it renders as a table (HTML); in a terminal it prints as plain text. It reads only
-``KernelPool.snapshot()``.
+In a notebook it is a live ipywidgets table (with an HTML table as the fallback for frontends
+without widgets); in a terminal it prints as plain text.
 """
 from __future__ import annotations
 
 import html
+import threading
 import time
+import weakref
 from typing import Any, Iterator
 
-from .kernel import KernelInfo, get_pool
+from .kernel import KernelInfo, KernelPool, get_pool
 
-COLUMNS = ("key", "requirements", "pid", "state", "calls", "last used", "culled in")
+COLUMNS = ("key", "requirements", "pid", "state", "calls", "last used", "culled in", "memory")
+_WIDTHS = ("90px", "190px", "70px", "70px", "50px", "80px", "80px", "80px")
+
+
+def _memory(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _culled_in(info: KernelInfo) -> str:
+    left = info.seconds_left
+    if left is None:
+        return "never while busy" if info.state == "busy" else "-"
+    return f"{left:.1f}s"
 
 
 def _row(info: KernelInfo, now: float) -> tuple[str, ...]:
-    left = info.seconds_left
-    return (
-        info.key[:8],
-        ", ".join(info.requirements) or "-",
-        str(info.pid or "-"),
-        info.state,
-        str(info.calls),
-        f"{now - info.last_used:.0f}s ago",
-        "-" if left is None else f"{left:.1f}s",
-    )
+    reqs = ", ".join(info.requirements) or "-"
+    if info.machine_type:
+        reqs += f" [{info.machine_type}, not enforced]"
+    return (info.key[:8], reqs, str(info.pid or "-"), info.state, str(info.calls),
+            f"{max(0.0, now - info.last_used):.0f}s ago", _culled_in(info), _memory(info.rss_bytes))
+
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel, where widgets can render."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 class KernelList:
     """The live kernels of this process, as records; renders as a table wherever it is shown."""
 
-    def __init__(self) -> None:
-        self.pool = get_pool()
+    def __init__(self, pool: KernelPool | None = None) -> None:
+        self.pool = pool or get_pool()
 
     def records(self) -> list[KernelInfo]:
         return self.pool.snapshot()
@@ -67,7 +86,87 @@ class KernelList:
                        for r in records)
         return f"<table class='fal-magic-kernels'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        bundle = {"text/plain": self.text(), "text/html": self._repr_html_()}
+        if _in_kernel():
+            try:
+                view = KernelTable(self.pool)
+            except ImportError:  # no ipywidgets: the HTML table is shown
+                return bundle
+            bundle.update({k: v for k, v in view.widget._repr_mimebundle_().items() if k != "text/plain"})
+        return bundle
+
+
+class KernelTable:
+    """The live widget: one row per kernel, a countdown that ticks, a shut-down button per kernel.
+
+    A background thread refreshes it every ``interval`` seconds until the widget is closed.
+    """
+
+    def __init__(self, pool: KernelPool, interval: float = 1.0) -> None:
+        import ipywidgets as w
+
+        self._w = w
+        self.pool = pool
+        self.interval = interval
+        self._rows: dict[str, tuple[Any, list[Any]]] = {}
+        header = w.HBox([self._cell(f"<b>{c}</b>", i) for i, c in enumerate(COLUMNS)] + [self._cell("", 8)])
+        self.empty = w.HTML("<em>no warm kernels</em>")
+        self.rows_box = w.VBox([])
+        self.all_button = w.Button(description="shut down all", button_style="danger",
+                                   layout=w.Layout(width="130px"))
+        self.all_button.on_click(lambda _: self.pool.shutdown())
+        title = w.HTML(f"<b>fal_magic warm kernels</b> <small>(updated every {interval:g}s)</small>")
+        self.widget = w.VBox([title, header, self.rows_box, self.empty, self.all_button])
+        self.widget.add_class("fal-magic-kernels")
+        self.refresh()
+        ref = weakref.ref(self)
+        threading.Thread(target=KernelTable._tick, args=(ref, interval), daemon=True,
+                         name="fal_magic-kernel-table").start()
+
+    def _cell(self, text: str, column: int) -> Any:
+        width = _WIDTHS[column] if column < len(_WIDTHS) else "110px"
+        return self._w.HTML(text, layout=self._w.Layout(width=width))
+
+    def refresh(self) -> None:
+        """Bring the rows in line with the pool's snapshot."""
+        now = time.time()
+        records = {r.kernel_id: r for r in self.pool.snapshot()}
+        for kid in [k for k in self._rows if k not in records]:
+            row, _ = self._rows.pop(kid)
+            row.close()
+        for kid, info in records.items():
+            values = _row(info, now)
+            if kid not in self._rows:
+                cells = [self._cell(html.escape(v), i) for i, v in enumerate(values)]
+                button = self._w.Button(description="shut down", layout=self._w.Layout(width="100px"))
+                button.on_click(lambda _, kid=kid: self.pool.shutdown(kernel_ids=[kid]))
+                row = self._w.HBox(cells + [button])
+                row.add_class("fal-magic-row")
+                self._rows[kid] = (row, cells)
+            for cell, value in zip(self._rows[kid][1], values):
+                escaped = html.escape(value)
+                if cell.value != escaped:
+                    cell.value = escaped
+        children = tuple(row for row, _ in self._rows.values())
+        if self.rows_box.children != children:
+            self.rows_box.children = children
+        self.empty.layout.display = "none" if self._rows else ""
+
+    @staticmethod
+    def _tick(ref: "weakref.ref[KernelTable]", interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            table = ref()
+            if table is None or table.widget.comm is None:  # closed or collected: stop
+                return
+            try:
+                table.refresh()
+            except Exception:
+                return
+            del table
+
 
 def kernels() -> KernelList:
-    """The warm kernels of this process: iterable records, shown as a table."""
+    """The warm kernels of this process: iterable records, shown as a (live, in a notebook) table."""
     return KernelList()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -21,7 +22,7 @@ from typing import Callable, Iterator
 
 from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec
-from ..errors import FalMagicError, KernelDiedError
+from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
 from .warm import Reply, WarmKernel
 
@@ -51,6 +52,17 @@ class KernelInfo:
         if self.state != "idle":
             return None
         return max(0.0, self.deadline - time.time())
+
+    @property
+    def rss_bytes(self) -> int | None:
+        """The kernel process's resident memory now (Linux), or None where it cannot be read."""
+        if self.pid is None:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
 
 
 class KernelPool:
@@ -93,7 +105,8 @@ class KernelPool:
 
     # -- leasing ----------------------------------------------------------------------
 
-    def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log.info) -> WarmKernel:
+    def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log.info,
+                machine_type: str | None = None) -> WarmKernel:
         """Lease an idle kernel of ``spec``'s key, starting one if all are busy and there is room."""
         if max_kernels < 1:
             raise FalMagicError(f"max_kernels must be at least 1, not {max_kernels}")
@@ -115,6 +128,7 @@ class KernelPool:
                 else:
                     if len(kernels) < max_kernels:
                         kernel = WarmKernel(key, spec.requirements, self.runtime_dir())
+                        kernel.machine_type = machine_type
                         kernels.append(kernel)
                         break
                     self._cond.wait()
@@ -132,10 +146,12 @@ class KernelPool:
             raise
         with self._cond:
             kernel.state = "busy"
-            if self._closed:
+            stopped = self._closed or kernel.kill_reason is not None
+            if stopped:
                 self._forget(kernel)
-                kernel.shutdown(now=True)
-                raise FalMagicError("fal_magic is shutting down")
+        if stopped:
+            kernel.shutdown(now=True)
+            raise KernelStartError("the new kernel was shut down before its first call")
         return kernel
 
     def release(self, kernel: WarmKernel, keep_alive: float) -> None:
@@ -166,9 +182,9 @@ class KernelPool:
 
     @contextmanager
     def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1,
-              progress: Progress = log.info) -> Iterator[WarmKernel]:
+              progress: Progress = log.info, machine_type: str | None = None) -> Iterator[WarmKernel]:
         """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
-        kernel = self.acquire(spec, max_kernels, progress)
+        kernel = self.acquire(spec, max_kernels, progress, machine_type)
         try:
             yield kernel
         finally:
@@ -177,9 +193,9 @@ class KernelPool:
     # -- the client path shared by the decorator and the magics (they lease, then call/execute) --
 
     def call(self, spec: EnvSpec, frames: list, sink: OutputSink, *, keep_alive: float,
-             max_kernels: int = 1, progress: Progress = log.info) -> Reply:
+             max_kernels: int = 1, progress: Progress = log.info, machine_type: str | None = None) -> Reply:
         """Run a pickled call on a warm kernel of ``spec``'s key."""
-        with self.lease(spec, keep_alive, max_kernels, progress) as kernel:
+        with self.lease(spec, keep_alive, max_kernels, progress, machine_type) as kernel:
             return kernel.call(frames, sink, self.config.interrupt_grace)
 
     # -- culling and shutdown --------------------------------------------------------------
@@ -206,20 +222,26 @@ class KernelPool:
                 log.debug("culling kernel %s of environment %s", k.id, k.key)
                 k.shutdown()
 
-    def shutdown(self, keys: list[str] | None = None) -> list[str]:
-        """Shut down the kernels of ``keys`` (all when None) now, in parallel; return their ids.
-
-        A key may be given by any unique prefix. Busy kernels are interrupted first.
-        """
+    def shutdown(self, keys: list[str] | None = None, kernel_ids: list[str] | None = None) -> list[str]:
+        """Shut down kernels now, in parallel, and return their ids: those of ``keys`` (key prefixes),
+        or the ones named by ``kernel_ids``, or all when both are None. A busy one's call fails."""
         with self._cond:
             victims = []
             for key, ks in list(self._kernels.items()):
-                if keys is None or any(key.startswith(p) for p in keys):
-                    victims.extend(ks)
-            for k in victims:
+                for k in ks:
+                    if kernel_ids is not None:
+                        if k.id in kernel_ids:
+                            victims.append(k)
+                    elif keys is None or any(key.startswith(p) for p in keys):
+                        victims.append(k)
+            idle = [k for k in victims if k.state == "idle"]
+            for k in idle:
                 k.state = "stopping"
                 self._forget(k)
-        threads = [threading.Thread(target=k.shutdown, daemon=True) for k in victims]
+        for k in victims:
+            if k not in idle:  # busy or starting: its caller's thread owns the client; kill, and let it report
+                k.kill("it was shut down while this call ran")
+        threads = [threading.Thread(target=k.shutdown, daemon=True) for k in idle]
         for t in threads:
             t.start()
         for t in threads:
@@ -241,7 +263,8 @@ class KernelPool:
         with self._cond:
             return [
                 KernelInfo(key=k.key, kernel_id=k.id, requirements=k.requirements, pid=k.pid, state=k.state,
-                           calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline)
+                           calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline,
+                           machine_type=k.machine_type)
                 for ks in self._kernels.values() for k in ks
             ]
 

@@ -95,6 +95,8 @@ class WarmKernel:
         self.last_used = self.started_at
         self.deadline = 0.0  # only idle kernels are culled; release() sets the real deadline
         self.pid: int | None = None
+        self.machine_type: str | None = None
+        self.kill_reason: str | None = None
         self.km: KernelManager | None = None
         self.kc: Any = None
         self.comm_id = uuid.uuid4().hex
@@ -222,11 +224,20 @@ class WarmKernel:
         tail = _tail(self.log_path, 3000)
         lines = tail.splitlines()[-25:]
         message = f"the kernel (pid {self.pid}) died {when}: {cause}"
-        if code == -signal.SIGKILL:
+        if self.kill_reason:
+            message += f": {self.kill_reason}"
+        elif code == -signal.SIGKILL:
             message += " (out of memory, or killed from outside)"
         if lines:
             message += "\nlast lines of the kernel's stderr:\n" + "\n".join(lines)
         raise KernelDiedError(message, exit_code=code, stderr_tail="\n".join(lines))
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the process from any thread; the thread serving a request then reports ``reason``."""
+        self.kill_reason = reason
+        proc = getattr(self.km.provisioner, "process", None) if self.km and self.km.provisioner else None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def interrupt(self) -> None:
         """SIGINT to the kernel (its own process group): raises KeyboardInterrupt in the running code."""

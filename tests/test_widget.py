@@ -1,0 +1,185 @@
+"""The kernel list: the snapshot API, the text table, and the live widget in a real browser."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fal_magic import isolated, kernels
+from fal_magic.kernel import get_pool
+
+from .conftest import pid_alive, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@isolated(keep_alive=30, requirements=["humanize==4.16.0"], machine_type="GPU-H100")
+def pid():
+    import os
+
+    return os.getpid()
+
+
+def test_snapshot_follows_start_busy_cull_and_shutdown():
+    assert list(kernels()) == [] and kernels().text() == "no warm kernels"
+
+    @isolated(keep_alive=1)
+    def slow_pid():
+        import os
+        import time
+
+        time.sleep(1.5)
+        return os.getpid()
+
+    fut = slow_pid.submit()
+    assert wait_until(lambda: [r.state for r in kernels()] == ["busy"], timeout=120)
+    [busy] = kernels()
+    assert busy.seconds_left is None  # never culled while busy
+    kernel_pid = fut.result(timeout=60)
+    [idle] = kernels()
+    assert idle.state == "idle" and idle.pid == kernel_pid and idle.calls == 1
+    assert idle.rss_bytes and idle.rss_bytes > 10 * 2**20
+    assert wait_until(lambda: len(kernels()) == 0, timeout=10)  # culled
+
+    other = pid()
+    [info] = kernels()
+    assert info.machine_type == "GPU-H100"
+    get_pool().shutdown(kernel_ids=[info.kernel_id])
+    assert len(kernels()) == 0 and not pid_alive(other)
+
+
+def test_text_and_html_tables_list_the_kernels():
+    kernel_pid = pid()
+    text = kernels().text()
+    header, row = text.splitlines()
+    for column in ("key", "requirements", "pid", "state", "calls", "last used", "culled in", "memory"):
+        assert column in header
+    assert str(kernel_pid) in row and "humanize==4.16.0" in row and "idle" in row and "MiB" in row
+    assert "GPU-H100, not enforced" in row
+    html = kernels()._repr_html_()
+    assert f"<td>{kernel_pid}</td>" in html and "<th>culled in</th>" in html
+
+
+# -- the real browser ------------------------------------------------------------------------------
+
+NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source":
+            "from fal_magic import isolated\n\n@isolated(keep_alive=300)\ndef pid():\n    import os\n"
+            "    return os.getpid()\n\n@isolated(keep_alive=120, requirements=['humanize==4.16.0'])\n"
+            "def nice(n):\n    import humanize\n    return humanize.intcomma(n)\n\n"
+            "print('kernel-pid', pid(), nice(10**6))"},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source":
+            "%load_ext fal_magic\n%isolated_kernels"},
+    ],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab server on 127.0.0.1 with a token, serving a notebook; stopped with its kernels."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"!!! BROWSER TEST SKIPPED: {CHROMIUM} is missing and could not be installed !!!")
+    root = tmp_path / "lab"
+    root.mkdir()
+    (root / "widget.ipynb").write_text(json.dumps(NOTEBOOK))
+    port, token = _free_port(), "fal-magic-test-token"
+    log = open(tmp_path / "lab.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ServerApp.port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--ServerApp.port_retries=0", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+        + (["--allow-root"] if os.geteuid() == 0 else []),
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime")))
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(lambda: up() or proc.poll() is not None, timeout=60, interval=0.3) and up(), (
+            (tmp_path / "lab.log").read_text())
+        yield url, token
+    finally:
+        proc.terminate()  # the server shuts its kernels down, whose exit stops their isolated kernels
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_widget_in_jupyterlab(lab, tmp_path, fal_home):
+    from playwright.sync_api import sync_playwright
+
+    url, token = lab
+    started = time.monotonic()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/lab/tree/widget.ipynb?token={token}")
+            page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=90_000)
+            page.locator(".jp-Notebook .jp-Cell").first.click()
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.press("Shift+Enter")
+
+            out = page.locator(".jp-OutputArea-output", has_text="kernel-pid")
+            out.wait_for(timeout=180_000)
+            kernel_pid = int(re.search(r"kernel-pid (\d+)", out.inner_text()).group(1))
+            assert pid_alive(kernel_pid)
+
+            row = page.locator(".jp-OutputArea-output .fal-magic-kernels .fal-magic-row", has_text=str(kernel_pid))
+            row.wait_for(timeout=60_000)
+            cells = row.locator(".widget-html")
+            assert "idle" in cells.nth(3).inner_text()
+            first = cells.nth(6).inner_text()
+            page.wait_for_timeout(2500)
+            second = cells.nth(6).inner_text()
+            assert first != second, "the countdown did not tick"
+            assert float(second.rstrip("s")) < float(first.rstrip("s"))
+
+            shot = tmp_path / "kernels-widget.png"
+            page.locator(".jp-OutputArea-output .fal-magic-kernels").screenshot(path=str(shot))
+            assert shot.stat().st_size > 1000
+            target = os.environ.get("FAL_MAGIC_SCREENSHOT")
+            if target:
+                shutil.copy(shot, target)
+
+            row.locator("button", has_text="shut down").click()
+            row.wait_for(state="detached", timeout=30_000)
+            assert wait_until(lambda: not pid_alive(kernel_pid), timeout=10)
+            table = page.locator(".jp-OutputArea-output .fal-magic-kernels")
+            assert table.locator(".fal-magic-row").count() == 1  # the other kernel is still listed
+            table.locator("button", has_text="shut down all").click()
+            table.locator(".fal-magic-row").first.wait_for(state="detached", timeout=30_000)
+            page.get_by_text("no warm kernels").wait_for(timeout=10_000)
+        finally:
+            browser.close()
+    print(f"browser test took {time.monotonic() - started:.1f}s")

@@ -32,11 +32,13 @@ def kernel_pids(home: Path) -> list[int]:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while any thread of the process runs (a zombie leader may still have live threads)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        tasks = len(list(Path(f"/proc/{pid}/task").iterdir()))
     except OSError:
         return False
-    return state != "Z"
+    return state != "Z" or tasks > 1
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:

@@ -364,8 +364,7 @@ def test_prints_stream_to_the_caller_while_the_function_runs(monkeypatch):
         print("last line")
         return "done"
 
-    get_pool().acquire(chatty.spec)  # start the kernel first, so that timing is the call's alone
-    get_pool().shutdown()
+    chatty.warmup().result(timeout=120)  # start the kernel first, so that timing is the call's alone
     assert chatty() == "done"
     ended = time.monotonic()
     assert "first line\n" in out.text() and "last line\n" in out.text()

@@ -144,6 +144,9 @@ class EnvCache:
         key = spec.key
         path = self.path_for(key)
         lock = self._lock(key)
+        if path.exists() and path.stat().st_uid != os.getuid():
+            raise FalMagicError(f"refusing to use environment {path}: it belongs to uid {path.stat().st_uid}, "
+                                "not to you")
         with lock.mutex:
             if lock.fd is not None and (path / MARKER).exists():
                 self._touch(path)

@@ -24,7 +24,7 @@ from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
-from .warm import Reply, WarmKernel
+from .warm import NotStarted, Reply, WarmKernel
 
 log = logging.getLogger("fal_magic")
 
@@ -92,10 +92,12 @@ class KernelPool:
         return cache
 
     def runtime_dir(self) -> Path:
-        """This process's owner-only directory for connection files and IPC sockets (short path)."""
+        """This process's owner-only directory for connection files and IPC sockets (a short path,
+        as unix socket paths are limited), named by pid so that leftovers of killed hosts are found."""
         with self._cond:
             if self._runtime_dir is None:
-                self._runtime_dir = Path(tempfile.mkdtemp(prefix="fal_magic-"))
+                _remove_stale_runtime_dirs()
+                self._runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-"))
             return self._runtime_dir
 
     def _ensure_culler(self) -> None:
@@ -194,7 +196,15 @@ class KernelPool:
 
     def call(self, spec: EnvSpec, frames: list, sink: OutputSink, *, keep_alive: float,
              max_kernels: int = 1, progress: Progress = log.info, machine_type: str | None = None) -> Reply:
-        """Run a pickled call on a warm kernel of ``spec``'s key."""
+        """Run a pickled call on a warm kernel of ``spec``'s key.
+
+        A kernel found dead before it began the call (it crashed while idle) is replaced once.
+        """
+        try:
+            with self.lease(spec, keep_alive, max_kernels, progress, machine_type) as kernel:
+                return kernel.call(frames, sink, self.config.interrupt_grace)
+        except NotStarted:
+            pass
         with self.lease(spec, keep_alive, max_kernels, progress, machine_type) as kernel:
             return kernel.call(frames, sink, self.config.interrupt_grace)
 
@@ -267,6 +277,24 @@ class KernelPool:
                            machine_type=k.machine_type)
                 for ks in self._kernels.values() for k in ks
             ]
+
+
+RUNTIME_PREFIX = "fal_magic-"
+
+
+def _remove_stale_runtime_dirs() -> None:
+    """Delete runtime directories of ours whose process is gone (a host that was killed)."""
+    tmp = Path(tempfile.gettempdir())
+    for path in tmp.glob(f"{RUNTIME_PREFIX}*-*"):
+        try:
+            pid = int(path.name[len(RUNTIME_PREFIX):].split("-", 1)[0])
+            if path.stat().st_uid != os.getuid() or pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
 
 
 _pool: KernelPool | None = None

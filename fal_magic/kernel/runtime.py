@@ -140,9 +140,16 @@ class Runtime:
         return {n: self.shell.user_ns[n] for n in data["names"]}
 
 
+_fault_log: Any = None
+
+
 def install(shell: Any) -> None:
-    """Register the comm target in this kernel (idempotent), and dump tracebacks on fatal signals."""
-    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    """Register the comm target in this kernel, and dump tracebacks on fatal signals (a segfault)
+    into the kernel's log file, whose tail the host reports when the kernel dies."""
+    global _fault_log
+    log_path = os.environ.get("FAL_MAGIC_KERNEL_LOG")
+    _fault_log = open(log_path, "a") if log_path else sys.__stderr__
+    faulthandler.enable(file=_fault_log, all_threads=False)  # the crashing thread: the tail stays short
     manager = shell.kernel.comm_manager
     runtime = Runtime(shell)
     manager.register_target(COMM_TARGET, runtime.open)

@@ -18,6 +18,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+import zmq
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
@@ -37,6 +38,11 @@ _BOOTSTRAP = (
 DISPLAY_TYPES = ("display_data", "update_display_data", "execute_result")
 
 msg_counter = itertools.count().__next__
+
+#: One zmq context for every kernel's sockets. Its sockets do not linger: a request left unsent to a
+#: kernel that died must not block closing them (a context's term() would wait for it forever).
+_CONTEXT = zmq.Context()
+_CONTEXT.setsockopt(zmq.LINGER, 0)
 
 #: How often, at the longest, liveness is checked while a request runs.
 LIVENESS_PERIOD = 0.2
@@ -59,6 +65,10 @@ class _EnvKernelSpecs(KernelSpecManager):
             argv=[str(self.python), "-m", "ipykernel_launcher", "-f", "{connection_file}",
                   "--HistoryManager.enabled=False", "--Application.log_level=WARN"],
         )
+
+
+class NotStarted(KernelDiedError):
+    """The kernel died before it began the request, so the request did not run and may be retried."""
 
 
 @dataclass
@@ -110,6 +120,7 @@ class WarmKernel:
             kernel_spec_manager=_EnvKernelSpecs(env.python),
             transport="ipc",
             connection_file=str(self.runtime_dir / f"kernel-{self.id}.json"),
+            context=_CONTEXT,
         )
         km.shutdown_wait_time = 2.0
         self.km = km
@@ -130,7 +141,7 @@ class WarmKernel:
             log.close()
         self.pid = km.provisioner.pid if km.provisioner is not None else None
         try:
-            self.kc = km.client()
+            self.kc = km.client(context=_CONTEXT)
             self.kc.start_channels()
             self.kc.wait_for_ready(timeout=timeout)
             self._bootstrap(timeout)
@@ -161,7 +172,7 @@ class WarmKernel:
             if remaining <= 0:
                 raise KernelStartError("the fal_magic runtime in the kernel did not answer")
             try:
-                m = kc.get_iopub_msg(timeout=min(remaining, LIVENESS_PERIOD))
+                m = kc.iopub_channel.get_msg(timeout=min(remaining, LIVENESS_PERIOD))
             except Empty:
                 self._check_alive("while starting")
                 continue
@@ -188,7 +199,7 @@ class WarmKernel:
             if remaining <= 0:
                 raise TimeoutError("no reply from the kernel")
             try:
-                m = self.kc.get_shell_msg(timeout=min(remaining, LIVENESS_PERIOD))
+                m = self.kc.shell_channel.get_msg(timeout=min(remaining, LIVENESS_PERIOD))
             except Empty:
                 self._check_alive("while waiting for a reply")
                 continue
@@ -196,18 +207,31 @@ class WarmKernel:
                 return m
 
     def alive(self) -> bool:
-        """Whether the kernel process still runs (a cheap poll of the child process)."""
+        """Whether the kernel process still runs: a cheap poll of the child, and on Linux its state
+        (a killed process can linger as a zombie leader, unreaped, while its threads wind down)."""
         km = self.km
         if km is None or km.provisioner is None:
             return False
         proc = getattr(km.provisioner, "process", None)
-        if proc is not None:
-            return proc.poll() is None
-        return bool(km.is_alive())
+        if proc is None:
+            return bool(km.is_alive())
+        if proc.poll() is not None:
+            return False
+        try:
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+        except (OSError, IndexError):
+            return True
 
-    def exit_code(self) -> int | None:
+    def exit_code(self, wait: float = 3.0) -> int | None:
+        """The exit code of a dead kernel (negative: the signal), waiting a little for it to be reaped."""
         proc = getattr(self.km.provisioner, "process", None) if self.km and self.km.provisioner else None
-        return proc.returncode if proc is not None else None
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=wait)
+        except Exception:
+            return proc.returncode
 
     def _check_alive(self, when: str) -> None:
         if self.alive():
@@ -287,22 +311,30 @@ class WarmKernel:
         return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
 
     def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool) -> Reply:
-        """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel."""
-        self.state = "busy"
+        """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel.
+
+        The lease state (idle/busy) is the pool's business alone; this only ever marks a death.
+        """
         interrupted_at: float | None = None
+        begun = False  # the kernel published something for this request: it has started it
         result: Reply | None = None
         last_check = time.monotonic()
         try:
             while True:
                 try:
                     try:
-                        m = self.kc.get_iopub_msg(timeout=LIVENESS_PERIOD)
+                        m = self.kc.iopub_channel.get_msg(timeout=LIVENESS_PERIOD)
                     except Empty:
                         m = None
                     now = time.monotonic()
                     if m is None or now - last_check >= LIVENESS_PERIOD:
                         last_check = now
-                        self._check_alive("during the call")
+                        try:
+                            self._check_alive("during the call")
+                        except KernelDiedError as exc:
+                            if begun:
+                                raise
+                            raise NotStarted(str(exc), exit_code=exc.exit_code, stderr_tail=exc.stderr_tail) from None
                         if interrupted_at is not None and now - interrupted_at > grace:
                             self.shutdown(now=True)
                             raise KernelDiedError(
@@ -310,6 +342,7 @@ class WarmKernel:
                                 "(the next call starts a fresh one)") from KeyboardInterrupt()
                     if m is None or m["parent_header"].get("msg_id") != msg_id:
                         continue
+                    begun = True
                     kind = m["msg_type"]
                     content = m["content"]
                     if kind == "stream":
@@ -333,5 +366,3 @@ class WarmKernel:
             return result
         finally:
             self.last_used = time.time()
-            if self.state == "busy":
-                self.state = "idle"

@@ -10,6 +10,7 @@ import sys
 
 from .config import FalMagic, configure
 from .decorator import IsolatedFunction, isolated
+from .kernel.runtime import cached
 from .errors import (
     EnvironmentBuildError,
     FalMagicError,
@@ -32,6 +33,7 @@ __all__ = [
     "KernelStartError",
     "RemoteError",
     "SerializationError",
+    "cached",
     "configure",
     "isolated",
     "kernels",

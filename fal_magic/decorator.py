@@ -11,6 +11,7 @@ import functools
 import logging
 import numbers
 import threading
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 from .config import settings
@@ -24,6 +25,8 @@ log = logging.getLogger("fal_magic")
 
 SUPPORTED_KINDS = ("virtualenv",)
 _OPTION_NAMES = ("kind", "requirements", "keep_alive", "max_kernels", "machine_type")
+
+_machine_type_warned = False
 
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -49,6 +52,15 @@ def _check_options(kind: str, keep_alive: float | None, max_kernels: int) -> Non
         raise FalMagicError(f"max_kernels must be an integer >= 1, not {max_kernels!r}")
 
 
+def _warn_machine_type(machine_type: str) -> None:
+    """Say once per process that a local host records machine_type but cannot enforce it."""
+    global _machine_type_warned
+    if not _machine_type_warned:
+        _machine_type_warned = True
+        warnings.warn(f"machine_type={machine_type!r} is recorded (see fal_magic.kernels()) but not enforced: "
+                      "kernels run on this machine", UserWarning, stacklevel=4)
+
+
 class IsolatedFunction:
     """A function bound to an environment; calling it runs it in that environment's warm kernel."""
 
@@ -57,6 +69,8 @@ class IsolatedFunction:
         if not callable(func):
             raise FalMagicError(f"@isolated decorates a function, not {type(func).__name__}")
         _check_options(kind, keep_alive, max_kernels)
+        if machine_type is not None:
+            _warn_machine_type(machine_type)
         self.func = func
         self.spec: EnvSpec = make_spec(requirements)
         self._options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,

@@ -18,8 +18,8 @@ def execute(name: str, allow_errors: bool = False) -> nbformat.NotebookNode:
     return nb
 
 
-def outputs(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+def outputs(cell, name: str = "stdout") -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == name)
 
 
 def test_every_notebook_is_covered():
@@ -56,4 +56,13 @@ def test_run_all_stops_at_the_failing_cell():
         execute("cell_magic.ipynb")
 
 
-COVERED = ["quickstart.ipynb", "cell_magic.ipynb"]
+def test_fal_serverless_examples():
+    nb = execute("fal_serverless_examples.ipynb")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert outputs(code[1]) == "hello world\n"
+    assert outputs(code[2]).startswith("joke: ")
+    assert outputs(code[3]) == "model loaded once: True 4\n"
+    assert outputs(code[4]) == "virtualenv kind\n"
+
+
+COVERED = ["quickstart.ipynb", "cell_magic.ipynb", "fal_serverless_examples.ipynb"]

@@ -11,15 +11,23 @@ Imports: the standard library and cloudpickle only. The host imports the helpers
 from __future__ import annotations
 
 import faulthandler
+import functools
+import hashlib
 import os
 import sys
+import threading
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
 COMM_TARGET = "fal_magic"
 PROTOCOL = 5
+
+#: The name this module has in every process, host and kernel alike, so that objects of its classes
+#: (``cached`` functions) pickle by reference and unpickle on either side.
+MODULE_NAME = "fal_magic_runtime"
+sys.modules.setdefault(MODULE_NAME, sys.modules[__name__])
 
 
 def dumps(obj: Any) -> list:
@@ -64,6 +72,57 @@ def describe_exception(exc: BaseException) -> dict:
         current = nxt
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return {"chain": chain, "traceback": text}
+
+
+_cache: dict[tuple[str, bytes], Any] = {}
+_cache_lock = threading.Lock()
+
+
+def _code_digest(code: Any, h: Any) -> None:
+    """Feed a code object's structure (bytecode, names, constants, nested code) into a hash."""
+    h.update(code.co_code)
+    h.update(repr((code.co_name, code.co_names, code.co_varnames, code.co_freevars)).encode())
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _code_digest(const, h)
+        else:
+            h.update(repr(const).encode())
+
+
+def _code_key(fn: Callable) -> str:
+    """A digest of a function's code: the same for every copy of it that arrives by value."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    h = hashlib.sha256()
+    _code_digest(code, h)
+    return h.hexdigest()
+
+
+class cached:  # noqa: N801 - used as a decorator, named like one
+    """Keep a function's results, per arguments, in the process it runs in (a warm kernel).
+
+    Keyed by the function's code, not its identity, so that it holds even though the function
+    travels anew with every isolated call; the results die with the kernel.
+    """
+
+    __module__ = MODULE_NAME
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            key = (_code_key(self.fn), cloudpickle.dumps((args, sorted(kwargs.items())), protocol=PROTOCOL))
+        except Exception:  # unpicklable arguments: no caching, just the call
+            return self.fn(*args, **kwargs)
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        value = self.fn(*args, **kwargs)
+        with _cache_lock:
+            return _cache.setdefault(key, value)
 
 
 class Runtime:

@@ -29,10 +29,10 @@ from . import runtime
 
 _RUNTIME_SOURCE = Path(runtime.__file__).read_text()
 _BOOTSTRAP = (
-    "(lambda m: (exec(compile({src!r}, {path!r}, 'exec'), m.__dict__), "
-    "__import__('sys').modules.__setitem__(m.__name__, m), m.install(get_ipython())))"
-    "(__import__('types').ModuleType('fal_magic_runtime'))"
-).format(src=_RUNTIME_SOURCE, path=runtime.__file__)
+    "(lambda m: (__import__('sys').modules.__setitem__(m.__name__, m), "
+    "exec(compile({src!r}, {path!r}, 'exec'), m.__dict__), m.install(get_ipython())))"
+    "(__import__('types').ModuleType({name!r}))"
+).format(src=_RUNTIME_SOURCE, path=runtime.__file__, name=runtime.MODULE_NAME)
 
 #: Output message types forwarded to the caller as display outputs.
 DISPLAY_TYPES = ("display_data", "update_display_data", "execute_result")

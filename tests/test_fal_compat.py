@@ -1,0 +1,140 @@
+"""Code written for fal_serverless runs with only its import line changed (SPEC section 10)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+import warnings
+
+import pytest
+
+from fal_magic import FalMagicError, cached, isolated
+from fal_magic import decorator as decorator_module
+from fal_magic.kernel import get_pool
+
+from .conftest import wait_until
+
+
+# -- in the style of fal_serverless's documented examples ----------------------------------------
+
+
+@isolated()
+def hello_world():
+    return "hello world"
+
+
+@isolated(requirements=["pyjokes==0.8.3"])
+def get_joke():
+    import pyjokes
+
+    return pyjokes.get_joke()
+
+
+@cached
+def load_model():
+    """Expensive set-up, done once per warm kernel."""
+    import os
+    import time
+
+    time.sleep(0.5)
+    return {"loaded_at": time.time(), "pid": os.getpid()}
+
+
+@isolated(keep_alive=30)
+def predict(x):
+    model = load_model()
+    return model["loaded_at"], model["pid"], x * 2
+
+
+@cached
+def scaled(x, factor=1):
+    import random
+
+    return x * factor, random.random()
+
+
+@isolated(keep_alive=30)
+def use_scaled(x, factor):
+    return scaled(x, factor=factor)
+
+
+def test_hello_world():
+    assert hello_world() == "hello world"
+
+
+def test_requirements():
+    assert importlib.util.find_spec("pyjokes") is None
+    joke = get_joke()
+    assert isinstance(joke, str) and len(joke) > 10
+
+
+def test_cached_function_runs_once_per_warm_kernel():
+    first_loaded, pid, y = predict(1)
+    assert y == 2
+    for x in range(2, 5):
+        loaded, same_pid, y = predict(x)
+        assert (loaded, same_pid, y) == (first_loaded, pid, x * 2)  # the stored model, not a new one
+
+
+def test_cached_results_are_per_arguments():
+    a1 = use_scaled(3, 2)
+    assert a1[0] == 6
+    assert use_scaled(3, 2) == a1  # same arguments: the stored result
+    b = use_scaled(3, 5)
+    assert b[0] == 15 and b[1] != a1[1]
+
+
+def test_the_cache_dies_with_the_kernel():
+    short = predict.on(keep_alive=0.5)
+    first_loaded, pid, _ = short(1)
+    assert wait_until(lambda: get_pool().snapshot() == [], timeout=10)
+    loaded, new_pid, _ = short(1)
+    assert new_pid != pid and loaded != first_loaded
+
+
+def test_cached_outside_isolated_caches_in_the_host():
+    before = load_model()
+    assert load_model() is before and before["pid"] == os.getpid()
+
+
+def test_keep_alive_example():
+    @isolated(keep_alive=2)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    first = pid()
+    time.sleep(0.5)
+    assert pid() == first
+
+
+# -- the edge cases --------------------------------------------------------------------------------
+
+
+def test_kind_first_and_unsupported_kinds():
+    @isolated("virtualenv", requirements=[])
+    def ok():
+        return "ok"
+
+    assert ok() == "ok"
+    with pytest.raises(FalMagicError, match="'conda' is not supported here; supported: virtualenv"):
+        isolated("conda", requirements=["numpy"])
+
+
+def test_machine_type_is_recorded_and_warned_about_once(monkeypatch):
+    monkeypatch.setattr(decorator_module, "_machine_type_warned", False)
+    with pytest.warns(UserWarning, match="machine_type='M' is recorded .* but not enforced"):
+        @isolated(machine_type="M")
+        def on_m():
+            return 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        @isolated(machine_type="XL")
+        def on_xl():
+            return 2
+
+    assert on_m() == 1
+    assert [k.machine_type for k in get_pool().snapshot()] == ["M"]

@@ -18,7 +18,8 @@ from .config import settings
 from .envs import EnvSpec, make_spec
 from .errors import FalMagicError
 from .kernel import get_pool
-from .kernel.wire import code_files, dump_call, load_result
+from .kernel.runtime import map_chunk
+from .kernel.wire import code_files, dump_call, load_result, rebuild_exception, restore_frames
 from .outputs import CallerOutput
 
 log = logging.getLogger("fal_magic")
@@ -123,17 +124,32 @@ class IsolatedFunction:
         frames = dump_call(self.func, args, kwargs)
         return _background().submit(self._run, frames, CallerOutput())  # the sink, made here, knows the cell
 
-    def map(self, *iterables: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
+    def map(self, *iterables: Iterable[Any], chunksize: int | None = None,
+            timeout: float | None = None) -> Iterator[Any]:
         """Results of the function over the inputs, in input order, spread over the key's kernels.
 
-        Like ``Executor.map``: the first failing item raises when its result is reached.
+        Inputs travel in chunks (by default four per kernel), each one request, so small calls do
+        not pay a round trip each. Like ``Executor.map``, a failing item raises when it is reached.
         """
-        futures = [self.submit(*args) for args in zip(*iterables)]
+        items = list(zip(*iterables))
+        if chunksize is None:
+            chunksize = max(1, -(-len(items) // (4 * self.max_kernels)))
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise FalMagicError(f"chunksize must be an integer >= 1, not {chunksize!r}")
+        futures = []
+        for start in range(0, len(items), chunksize):
+            frames = dump_call(self.func, [items[start:start + chunksize]], {}, via=map_chunk)
+            futures.append(_background().submit(self._run, frames, CallerOutput()))
+        files = code_files(self.func)
 
         def results() -> Iterator[Any]:
             try:
                 for fut in futures:
-                    yield fut.result(timeout=timeout)
+                    for ok, value in fut.result(timeout=timeout):
+                        if not ok:
+                            value["traceback"] = restore_frames(value["traceback"], files)
+                            raise rebuild_exception(value, self.spec.requirements)
+                        yield value
             finally:
                 for fut in futures:
                     fut.cancel()

@@ -478,3 +478,19 @@ def test_public_names():
                  "KernelStartError", "RemoteError", "SerializationError"]:
         assert hasattr(fal_magic, name)
     assert issubclass(SerializationError, FalMagicError)
+
+
+def test_map_keeps_order_and_raises_the_failing_item():
+    @isolated(keep_alive=30, max_kernels=2)
+    def invert(x):
+        return 1 / x
+
+    assert list(invert.map([1, 2, 4], chunksize=1)) == [1.0, 0.5, 0.25]
+    results = invert.map([1, 2, 0, 4])
+    assert next(results) == 1.0 and next(results) == 0.5
+    with pytest.raises(ZeroDivisionError) as info:
+        next(results)
+    assert "return 1 / x" in "\n".join(info.value.__notes__)
+    assert list(invert.map(range(1, 201))) == [1 / x for x in range(1, 201)]
+    with pytest.raises(FalMagicError, match="chunksize"):
+        invert.map([1], chunksize=0)

@@ -125,6 +125,23 @@ class cached:  # noqa: N801 - used as a decorator, named like one
             return _cache.setdefault(key, value)
 
 
+def map_chunk(fn: Callable, items: list) -> list:
+    """Run ``fn`` over a chunk of argument tuples in one request (``.map``): each item's result, or
+    its exception described, so that one failing item does not hide the others."""
+    out = []
+    for args in items:
+        try:
+            out.append((True, fn(*args)))
+        except Exception as exc:
+            if exc.__traceback__ is not None:
+                exc.__traceback__ = exc.__traceback__.tb_next
+            out.append((False, describe_exception(exc)))
+    return out
+
+
+map_chunk.__module__ = MODULE_NAME  # pickled by reference: the kernel has this module under that name
+
+
 class Runtime:
     """Serves calls on one comm; one per kernel."""
 

@@ -31,9 +31,10 @@ def _module_by_value(fn: Callable) -> types.ModuleType | None:
     return mod
 
 
-def dump_call(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> list:
+def dump_call(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], via: Callable | None = None) -> list:
     """Frames for ``fn(*args, **kwargs)``; the function and its module's helpers travel by value.
 
+    With ``via`` (a runtime helper such as ``map_chunk``), the kernel runs ``via(fn, *args, **kwargs)``.
     Raises SerializationError naming the argument (or the function) that cannot be pickled.
     """
     mod = _module_by_value(fn)
@@ -47,6 +48,8 @@ def dump_call(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> list
                 pass
         try:
             try:
+                if via is not None:
+                    return dumps((via, (fn, *args), dict(kwargs)))
                 return dumps((fn, tuple(args), dict(kwargs)))
             except Exception as exc:
                 raise SerializationError(_culprit(fn, args, kwargs, exc)) from exc

@@ -1,0 +1,205 @@
+"""fal_magic against its peers, measured side by side in one run; prints a table with ratios.
+
+Run by hand:  .venv/bin/pip install -e '.[bench]' && .venv/bin/python benchmarks/run.py [--quick]
+Peers that are not installed (ipyparallel) are left out of the table. Medians; this machine is
+noisy, so compare ratios from the same run rather than absolute numbers across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+rows: list[tuple[str, str, str]] = []
+
+
+def median_time(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def row(figure: str, value: str, note: str = "") -> None:
+    rows.append((figure, value, note))
+    print(f"  {figure:<58} {value:>14}  {note}", flush=True)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f} ms" if seconds < 0.01 else f"{seconds * 1000:.1f} ms"
+
+
+def noop():
+    return None
+
+
+def echo(x):
+    return x
+
+
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 200 MiB payload")
+    opts = parser.parse_args()
+    reps = 50 if opts.quick else 300
+    home = Path(os.environ.get("FAL_MAGIC_HOME") or tempfile.mkdtemp(prefix="fal_bench_"))
+    os.environ["FAL_MAGIC_HOME"] = str(home)
+
+    import logging
+
+    import fal_magic
+    from fal_magic import isolated
+    from fal_magic.kernel import get_pool
+
+    logging.getLogger("fal_magic").setLevel("WARNING")
+    print(f"fal_magic {fal_magic.__version__} benchmark; cache {home}; python {sys.version.split()[0]}; "
+          f"{os.cpu_count()} cores\n")
+
+    f_noop = isolated(keep_alive=600)(noop)
+    f_echo = isolated(keep_alive=600, requirements=["numpy"])(echo)
+
+    # -- first calls ----------------------------------------------------------------------------
+    print("first calls")
+    from jupyter_client.manager import start_new_kernel
+
+    def bare_kernel():
+        km, kc = start_new_kernel(kernel_name="python3")
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+    bare = median_time(bare_kernel, 3, warmup=1)
+    row("jupyter_client.start_new_kernel (host python)", ms(bare))
+    f_noop()  # build the env once
+    get_pool().shutdown()
+
+    def cold_built():
+        t = time.perf_counter()
+        f_noop()
+        took = time.perf_counter() - t
+        get_pool().shutdown()
+        return took
+
+    cold = statistics.median(cold_built() for _ in range(3))
+    row("fal_magic first call, env already built", ms(cold), f"{cold / bare:.2f}x bare kernel start")
+
+    def after_warmup():
+        f_noop.warmup().result()
+        t = time.perf_counter()
+        f_noop()
+        took = time.perf_counter() - t
+        get_pool().shutdown()
+        return took
+
+    row("fal_magic after warmup(): time to first result", ms(statistics.median(after_warmup() for _ in range(3))))
+
+    new_home = Path(tempfile.mkdtemp(prefix="fal_bench_new_"))
+    fal_magic.configure(home=str(new_home))
+    small = isolated(keep_alive=0, requirements=["text-unidecode==1.3"])(noop)
+    t = time.perf_counter()
+    small()
+    row("fal_magic first call, new env + 1 small requirement", ms(time.perf_counter() - t),
+        "warm uv cache; includes kernel start")
+    fal_magic.configure(home=str(home))
+    get_pool().shutdown()
+
+    # -- warm round trips ----------------------------------------------------------------------
+    print("\nwarm no-op round trip")
+    local = median_time(noop, reps)
+    row("local call", ms(local))
+    with multiprocessing.Pool(1) as pool:
+        mp = median_time(lambda: pool.apply(noop), reps)
+    row("multiprocessing.Pool(1).apply", ms(mp))
+    km, kc = start_new_kernel(kernel_name="python3")
+    raw = median_time(lambda: kc.execute_interactive("pass", timeout=30, output_hook=lambda m: None), reps)
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+    row("raw jupyter_client execute_request", ms(raw))
+    warm = median_time(f_noop, reps)
+    row("fal_magic warm call", ms(warm), f"{warm / raw:.2f}x raw execute_request")
+
+    ipp_rc = None
+    try:
+        import ipyparallel as ipp
+
+        cluster = ipp.Cluster(n=1, log_level=40)
+        ipp_rc = cluster.start_and_connect_sync()
+        ipp_rc.wait_for_engines(1, timeout=120)
+        view = ipp_rc[0]
+        ipp_t = median_time(lambda: view.apply_sync(noop), reps)
+        row("ipyparallel apply_sync, one engine", ms(ipp_t))
+        row("  fal_magic / ipyparallel (target <= 0.3)", f"{warm / ipp_t:.2f}x")
+    except ImportError:
+        print("  (ipyparallel not installed: pip install -e '.[bench]')")
+
+    # -- payloads ----------------------------------------------------------------------------------
+    print("\nNumPy array round trip (throughput = 2 x size / time)")
+    f_echo(np.zeros(1))
+    sizes = [1, 50] if opts.quick else [1, 50, 200]
+    with multiprocessing.Pool(1) as pool:
+        for mib in sizes:
+            arr = np.random.default_rng(0).random(mib * 2**20 // 8)
+            n = 20 if mib == 1 else 5
+            gbps = lambda t: f"{2 * arr.nbytes / t / 1e9:.2f} GB/s"  # noqa: E731
+            t_fal = median_time(lambda: f_echo(arr), n, warmup=1)
+            row(f"fal_magic {mib} MiB", gbps(t_fal))
+            t_mp = median_time(lambda: pool.apply(echo, (arr,)), n, warmup=1)
+            row(f"multiprocessing {mib} MiB", gbps(t_mp))
+            if ipp_rc is not None:
+                t_ipp = median_time(lambda: ipp_rc[0].apply_sync(echo, arr), n, warmup=1)
+                row(f"ipyparallel {mib} MiB", gbps(t_ipp), f"fal_magic is {t_ipp / t_fal:.2f}x faster")
+
+    # -- map ------------------------------------------------------------------------------------
+    print("\n.map of 1,000 small calls")
+    timings = {}
+    for n in (1, 2):
+        f = isolated(keep_alive=600, max_kernels=n)(echo)
+        f.warmup().result()
+        t = time.perf_counter()
+        assert list(f.map(range(1000))) == list(range(1000))
+        timings[n] = time.perf_counter() - t
+        row(f"fal_magic map, {n} kernel(s)", ms(timings[n]))
+    row("  speed-up of 2 kernels over 1 (target >= 1.8)", f"{timings[1] / timings[2]:.2f}x")
+    if ipp_rc is not None:
+        t = time.perf_counter()
+        ipp_rc[:].map_sync(echo, range(1000))
+        row("ipyparallel map_sync, one engine", ms(time.perf_counter() - t))
+        ipp_rc.cluster.stop_cluster_sync()
+
+    # -- memory ---------------------------------------------------------------------------------
+    print("\nmemory")
+    get_pool().shutdown()
+    f_noop()
+    [info] = get_pool().snapshot()
+    row("idle kernel RSS", f"{rss_of(info.pid) / 2**20:.0f} MiB", "target <= 60 MB")
+    ten = isolated(keep_alive=600, max_kernels=10)(noop)
+    ten.warmup().result()
+    total = sum(rss_of(k.pid) for k in get_pool().snapshot())
+    row("10 warm kernels, total RSS", f"{total / 2**20:.0f} MiB")
+    row("host RSS with 10 warm kernels", f"{rss_of(os.getpid()) / 2**20:.0f} MiB")
+    get_pool().shutdown()
+
+    print("\n| figure | value | note |\n|---|---|---|")
+    for figure, value, note in rows:
+        print(f"| {figure.strip()} | {value} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 from jupyter_client import KernelManager
@@ -166,19 +166,11 @@ class WarmKernel:
         msg = kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": runtime.COMM_TARGET,
                                            "data": {}})
         kc.shell_channel.send(msg)
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise KernelStartError("the fal_magic runtime in the kernel did not answer")
-            try:
-                m = kc.iopub_channel.get_msg(timeout=min(remaining, LIVENESS_PERIOD))
-            except Empty:
-                self._check_alive("while starting")
-                continue
-            if m["msg_type"] == "comm_msg" and m["content"]["data"].get("op") == "hello":
-                hello = m["content"]["data"]
-                break
+        try:
+            hello = self._wait(kc.iopub_channel, timeout, "while starting", lambda m: (
+                m["msg_type"] == "comm_msg" and m["content"]["data"].get("op") == "hello"))["content"]["data"]
+        except TimeoutError:
+            raise KernelStartError("the fal_magic runtime in the kernel did not answer") from None
         host = [sys.version_info.major, sys.version_info.minor]
         if hello["python"][:2] != host or hello["implementation"] != sys.implementation.name:
             raise KernelStartError(
@@ -193,17 +185,22 @@ class WarmKernel:
         self.pid = hello["pid"]
 
     def _shell_reply(self, msg_id: str, timeout: float) -> dict:
+        return self._wait(self.kc.shell_channel, timeout, "while waiting for a reply",
+                          lambda m: m["parent_header"].get("msg_id") == msg_id)
+
+    def _wait(self, channel: Any, timeout: float, when: str, wanted: Callable[[dict], bool]) -> dict:
+        """The first message on ``channel`` that is ``wanted``, watching the kernel's liveness."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("no reply from the kernel")
             try:
-                m = self.kc.shell_channel.get_msg(timeout=min(remaining, LIVENESS_PERIOD))
+                m = channel.get_msg(timeout=min(remaining, LIVENESS_PERIOD))
             except Empty:
-                self._check_alive("while waiting for a reply")
+                self._check_alive(when)
                 continue
-            if m["parent_header"].get("msg_id") == msg_id:
+            if wanted(m):
                 return m
 
     def alive(self) -> bool:

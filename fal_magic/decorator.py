@@ -18,7 +18,7 @@ from .config import settings
 from .envs import EnvSpec, make_spec
 from .errors import FalMagicError
 from .kernel import get_pool
-from .kernel.runtime import map_chunk
+from .kernel.runtime import isolated_proxy, map_chunk
 from .kernel.wire import code_files, dump_call, load_result, rebuild_exception, restore_frames
 from .outputs import CallerOutput
 
@@ -97,6 +97,11 @@ class IsolatedFunction:
         if obj is None:
             return self
         return functools.partial(self.__call__, obj)
+
+    def __reduce__(self) -> tuple:
+        """Travelling into a kernel (used by another isolated function), it becomes a proxy that asks
+        the host to run it in its own environment; the kernel needs no fal_magic install."""
+        return (isolated_proxy, (self.func, dict(self._options)))
 
     def on(self, **options: Any) -> "IsolatedFunction":
         """A copy with some options changed, e.g. ``f.on(keep_alive=0)``."""

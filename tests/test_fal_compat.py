@@ -138,3 +138,52 @@ def test_machine_type_is_recorded_and_warned_about_once(monkeypatch):
 
     assert on_m() == 1
     assert [k.machine_type for k in get_pool().snapshot()] == ["M"]
+
+
+# -- nested isolated calls: the host brokers them -----------------------------------------------
+
+
+@isolated(keep_alive=30, requirements=["humanize==4.16.0"])
+def inner_humanize(n):
+    import os
+
+    import humanize
+
+    print("inner says hello")
+    if n < 0:
+        raise ValueError(f"negative: {n}")
+    return humanize.intcomma(n), os.getpid()
+
+
+@isolated(keep_alive=30, requirements=["pyjokes==0.8.3"])
+def outer_jokes(n):
+    import importlib.util
+    import os
+
+    text, inner_pid = inner_humanize(n)
+    return text, inner_pid, os.getpid(), importlib.util.find_spec("humanize") is not None
+
+
+def test_nested_call_runs_in_its_own_environment_and_kernel(capsys):
+    text, inner_pid, outer_pid, outer_has_humanize = outer_jokes(10**6)
+    assert text == "1,000,000"
+    assert inner_pid != outer_pid and not outer_has_humanize
+    assert "inner says hello" in capsys.readouterr().out  # the inner call's output reaches the caller
+    assert {k.requirements for k in get_pool().snapshot()} == {("humanize==4.16.0",), ("pyjokes==0.8.3",)}
+
+
+def test_nested_call_exceptions_surface_with_their_type():
+    with pytest.raises(ValueError, match="negative: -1") as info:
+        outer_jokes(-1)
+    assert "raise ValueError" in "\n".join(info.value.__notes__)
+
+
+def test_a_cycle_of_nested_calls_is_a_clear_error_not_a_hang():
+    @isolated(keep_alive=30)
+    def recurse(n):
+        return recurse(n + 1)
+
+    started = time.monotonic()
+    with pytest.raises(Exception, match="cycle"):
+        recurse(0)
+    assert time.monotonic() - started < 60

@@ -21,14 +21,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..config import FalMagic, settings
-from ..envs import EnvCache, EnvSpec
+from ..envs import EnvCache, EnvSpec, make_spec
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
-from .warm import NotStarted, Reply, WarmKernel
+from .warm import NestedHandler, NotStarted, Reply, WarmKernel
+from .wire import describe_exception, dump_call, dumps, loads
 
 log = logging.getLogger("fal_magic")
 
 Progress = Callable[[str], None]
+
+#: How deep isolated calls may nest inside each other before it is called a runaway recursion.
+MAX_NESTING = 8
 
 
 @dataclass(frozen=True)
@@ -195,18 +199,51 @@ class KernelPool:
     # -- the client path shared by the decorator and the magics (they lease, then call/execute) --
 
     def call(self, spec: EnvSpec, frames: list, sink: OutputSink, *, keep_alive: float,
-             max_kernels: int = 1, progress: Progress = log.info, machine_type: str | None = None) -> Reply:
+             max_kernels: int = 1, progress: Progress = log.info, machine_type: str | None = None,
+             chain: tuple[str, ...] = ()) -> Reply:
         """Run a pickled call on a warm kernel of ``spec``'s key.
 
         A kernel found dead before it began the call (it crashed while idle) is replaced once.
+        Isolated functions that the call itself calls are run by this host, each in its own
+        environment (``chain`` holds the keys of the calls it is nested in).
         """
+        nested = self._nested_calls((*chain, spec.key))
         try:
             with self.lease(spec, keep_alive, max_kernels, progress, machine_type) as kernel:
-                return kernel.call(frames, sink, self.config.interrupt_grace)
+                return kernel.call(frames, sink, self.config.interrupt_grace, nested=nested)
         except NotStarted:
             pass
         with self.lease(spec, keep_alive, max_kernels, progress, machine_type) as kernel:
-            return kernel.call(frames, sink, self.config.interrupt_grace)
+            return kernel.call(frames, sink, self.config.interrupt_grace, nested=nested)
+
+    def _nested_calls(self, chain: tuple[str, ...]) -> NestedHandler:
+        """Serve isolated calls made inside a call: the host brokers them, so kernels never start kernels."""
+
+        def handle(frames: list, sink: OutputSink) -> tuple[bytes, list]:
+            try:
+                options, fn, args, kwargs = loads(frames)
+                spec = make_spec(options.get("requirements", ()))
+                name = getattr(fn, "__qualname__", "?")
+                if spec.key in chain:
+                    raise FalMagicError(
+                        f"nested isolated call of {name}() would wait for environment {spec.key}, which is "
+                        "busy with a call that is waiting for it (a cycle)")
+                if len(chain) >= MAX_NESTING:
+                    raise FalMagicError(f"isolated calls nested more than {MAX_NESTING} deep (at {name}())")
+                keep_alive = options.get("keep_alive")
+                reply = self.call(spec, dump_call(fn, args, kwargs), sink,
+                                  keep_alive=self.config.default_keep_alive if keep_alive is None else keep_alive,
+                                  max_kernels=options.get("max_kernels", 1),
+                                  machine_type=options.get("machine_type"), chain=chain)
+            except BaseException as exc:
+                return b"exception", dumps(describe_exception(exc))
+            if reply.content.get("ok"):
+                return b"ok", reply.buffers
+            if reply.content.get("kind") == "serialization":
+                return b"error", [reply.content.get("message", "").encode()]
+            return b"exception", reply.buffers
+
+        return handle
 
     # -- culling and shutdown --------------------------------------------------------------
 

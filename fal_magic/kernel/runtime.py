@@ -13,6 +13,9 @@ from __future__ import annotations
 import faulthandler
 import functools
 import hashlib
+import hmac
+import json
+import pickle
 import os
 import sys
 import threading
@@ -142,6 +145,76 @@ def map_chunk(fn: Callable, items: list) -> list:
 map_chunk.__module__ = MODULE_NAME  # pickled by reference: the kernel has this module under that name
 
 
+BROKER_ENV = "FAL_MAGIC_BROKER"
+
+
+def sign(key: bytes, header: bytes) -> bytes:
+    """HMAC-SHA256 of a broker message header, with the kernel's session key (as Jupyter signs)."""
+    return hmac.new(key, header, hashlib.sha256).hexdigest().encode()
+
+
+class NestedCallError(Exception):
+    """An isolated function called inside another failed in a way that has no type of its own here."""
+
+    __module__ = MODULE_NAME
+
+
+class _Broker:
+    """The kernel's line to its host for nested isolated calls: a zmq socket of its own, because the
+    shell channel is not read while the outer call runs."""
+
+    def __init__(self, address: str, key: bytes) -> None:
+        import zmq
+
+        self.key = key
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.linger = 0
+        self.socket.connect(address)
+
+    def call(self, options: dict, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        header = json.dumps({"op": "nested", "nonce": os.urandom(8).hex()}).encode()
+        self.socket.send_multipart([sign(self.key, header), header, *dumps((options, fn, args, kwargs))],
+                                   copy=False)
+        status, *frames = self.socket.recv_multipart(copy=False)
+        status = bytes(status)
+        if status == b"ok":
+            return loads(frames)
+        if status == b"exception":
+            payload = loads(frames)
+            first = payload["chain"][0]
+            try:
+                exc = pickle.loads(first["pickled"]) if first["pickled"] is not None else None
+            except Exception:
+                exc = None
+            if not isinstance(exc, BaseException):
+                exc = NestedCallError(f"{first['type']}: {first['message']}")
+            exc.add_note("--- traceback of the nested isolated call ---\n" + payload["traceback"].rstrip())
+            raise exc
+        raise NestedCallError(bytes(frames[0]).decode() if frames else "nested call failed")
+
+
+_broker: _Broker | None = None
+
+
+class isolated_proxy:  # noqa: N801 - stands in for an isolated function
+    """What an ``@isolated`` function becomes when it travels into a kernel: calling it asks the
+    host to run the function in its own environment and kernel, and waits for the result."""
+
+    __module__ = MODULE_NAME
+
+    def __init__(self, fn: Callable, options: dict) -> None:
+        self.fn = fn
+        self.options = options
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _broker is None:  # not inside a fal_magic kernel: the host's own decorator does the work
+            from fal_magic.decorator import IsolatedFunction
+
+            return IsolatedFunction(self.fn, **self.options)(*args, **kwargs)
+        return _broker.call(self.options, self.fn, args, kwargs)
+
+
 class Runtime:
     """Serves calls on one comm; one per kernel."""
 
@@ -222,7 +295,9 @@ _fault_log: Any = None
 def install(shell: Any) -> None:
     """Register the comm target in this kernel, and dump tracebacks on fatal signals (a segfault)
     into the kernel's log file, whose tail the host reports when the kernel dies."""
-    global _fault_log
+    global _fault_log, _broker
+    if os.environ.get(BROKER_ENV):
+        _broker = _Broker(os.environ[BROKER_ENV], shell.kernel.session.key)
     log_path = os.environ.get("FAL_MAGIC_KERNEL_LOG")
     _fault_log = open(log_path, "a") if log_path else sys.__stderr__
     faulthandler.enable(file=_fault_log, all_threads=False)  # the crashing thread: the tail stays short

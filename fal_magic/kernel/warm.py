@@ -7,10 +7,11 @@ Ctrl-C into an interrupt of the kernel.
 """
 from __future__ import annotations
 
+import hmac
+import itertools
 import os
 import signal
 import sys
-import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class NotStarted(KernelDiedError):
     """The kernel died before it began the request, so the request did not run and may be retried."""
 
 
+#: Serves a nested isolated call: request frames and the caller's sink in, (status, frames) out.
+NestedHandler = Callable[[list, OutputSink], "tuple[bytes, list]"]
+
+
 @dataclass
 class Reply:
     """The end of one request: the comm reply (calls) or the execute_reply content (cells)."""
@@ -107,6 +112,7 @@ class WarmKernel:
         self.pid: int | None = None
         self.machine_type: str | None = None
         self.kill_reason: str | None = None
+        self.broker: Any = None
         self.km: KernelManager | None = None
         self.kc: Any = None
         self.comm_id = uuid.uuid4().hex
@@ -124,12 +130,16 @@ class WarmKernel:
         )
         km.shutdown_wait_time = 2.0
         self.km = km
+        self.broker = _CONTEXT.socket(zmq.ROUTER)
+        broker_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-broker'}"
+        self.broker.bind(broker_address)
         child_env = {k: v for k, v in os.environ.items()
                      if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
         child_env.update(
             VIRTUAL_ENV=str(env.path),
             PATH=f"{env.path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),
+            FAL_MAGIC_BROKER=broker_address,
             PYDEVD_DISABLE_FILE_VALIDATION="1",
         )
         log = open(self.log_path, "ab", buffering=0)
@@ -202,6 +212,18 @@ class WarmKernel:
                 continue
             if wanted(m):
                 return m
+
+    def _serve_nested(self, sink: OutputSink, nested: NestedHandler | None) -> None:
+        """Answer one nested-call request from the running function (only if correctly signed)."""
+        ident, signature, header, *frames = self.broker.recv_multipart(copy=False)
+        key = self.kc.session.key
+        if not hmac.compare_digest(runtime.sign(key, bytes(header)), bytes(signature)):
+            return  # not from our kernel: dropped, as Jupyter drops badly signed messages
+        if nested is None:
+            self.broker.send_multipart([ident, b"error", b"isolated functions cannot be called from here"])
+            return
+        status, out = nested(list(frames), sink)
+        self.broker.send_multipart([ident, status, *out], copy=False)
 
     def alive(self) -> bool:
         """Whether the kernel process still runs: a cheap poll of the child, and on Linux its state
@@ -283,23 +305,30 @@ class WarmKernel:
                 self.km.cleanup_resources()
             except Exception:
                 pass
-        try:
-            self.log_path.unlink()
-        except OSError:
-            pass
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
+        for path in (self.log_path, self.runtime_dir / f"kernel-{self.id}-broker"):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
     # -- requests --------------------------------------------------------------------------
 
     def call(self, frames: list, sink: OutputSink, interrupt_grace: float, op: str = "call",
-             **fields: Any) -> Reply:
+             nested: NestedHandler | None = None, **fields: Any) -> Reply:
         """Send a runtime request: ``call`` (frames from ``wire.dump_call``), ``push`` (a pickled dict of
-        variables) or ``pull`` (``names=[...]``); return the comm reply with its frames."""
+        variables) or ``pull`` (``names=[...]``); return the comm reply with its frames.
+
+        ``nested`` serves the isolated calls the function makes while it runs (``None``: refused).
+        """
         if op == "call":
             self.calls += 1
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
                                                "data": {"op": op, "id": msg_counter(), **fields}})
         self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
-        return self._serve(msg["header"]["msg_id"], sink, interrupt_grace, expect_shell_reply=False)
+        return self._serve(msg["header"]["msg_id"], sink, interrupt_grace, expect_shell_reply=False, nested=nested)
 
     def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
         """Run cell source in the kernel's namespace; return the execute_reply content."""
@@ -307,7 +336,8 @@ class WarmKernel:
         msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=False)
         return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
 
-    def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool) -> Reply:
+    def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool,
+               nested: NestedHandler | None = None) -> Reply:
         """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel.
 
         The lease state (idle/busy) is the pool's business alone; this only ever marks a death.
@@ -316,13 +346,17 @@ class WarmKernel:
         begun = False  # the kernel published something for this request: it has started it
         result: Reply | None = None
         last_check = time.monotonic()
+        iopub = self.kc.iopub_channel
+        poller = zmq.Poller()
+        poller.register(iopub.socket, zmq.POLLIN)
+        poller.register(self.broker, zmq.POLLIN)
         try:
             while True:
                 try:
-                    try:
-                        m = self.kc.iopub_channel.get_msg(timeout=LIVENESS_PERIOD)
-                    except Empty:
-                        m = None
+                    ready = dict(poller.poll(LIVENESS_PERIOD * 1000))
+                    if self.broker in ready:
+                        self._serve_nested(sink, nested)
+                    m = iopub.get_msg(timeout=0) if iopub.socket in ready else None
                     now = time.monotonic()
                     if m is None or now - last_check >= LIVENESS_PERIOD:
                         last_check = now

@@ -133,6 +133,8 @@ def code_files(fn: Callable) -> dict[str, str]:
     if hasattr(fn, "__code__"):
         walk(fn.__code__)
         for value in list(getattr(fn, "__globals__", {}).values()):
+            if callable(value) and hasattr(value, "__wrapped__"):  # e.g. another isolated function
+                value = inspect.unwrap(value)
             inner = getattr(value, "__code__", None)
             if isinstance(inner, types.CodeType) and getattr(value, "__module__", None) == fn.__module__:
                 walk(inner)

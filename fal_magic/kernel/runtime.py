@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import pickle
+import signal
 import os
 import sys
 import threading
@@ -195,6 +196,40 @@ class _Broker:
 
 _broker: _Broker | None = None
 
+FAST_ENV = "FAL_MAGIC_FAST"
+
+
+class _FastChannel:
+    """The kernel's own socket for calls, read by the kernel's event loop: no shell dispatch, no
+    busy/idle round of the Jupyter protocol. Messages carry a header signed with the session key."""
+
+    def __init__(self, runtime: "Runtime", address: str, key: bytes) -> None:
+        import asyncio
+
+        import zmq
+
+        self.zmq = zmq
+        self.runtime = runtime
+        self.key = key
+        self.socket = zmq.Context.instance().socket(zmq.PAIR)
+        self.socket.linger = 0
+        self.socket.bind(address)
+        asyncio.get_running_loop().add_reader(self.socket.getsockopt(zmq.FD), self.on_readable)
+
+    def on_readable(self) -> None:
+        zmq = self.zmq
+        try:  # an interrupt that lands here must not reach (and stop) the kernel's event loop
+            while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                try:
+                    signature, header, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if not hmac.compare_digest(sign(self.key, header.bytes), signature.bytes):
+                    continue  # not signed with our key: dropped
+                self.runtime.serve_fast(self.socket, json.loads(header.bytes), frames)
+        except KeyboardInterrupt:
+            pass
+
 
 class isolated_proxy:  # noqa: N801 - stands in for an isolated function
     """What an ``@isolated`` function becomes when it travels into a kernel: calling it asks the
@@ -220,6 +255,7 @@ class Runtime:
 
     def __init__(self, shell: Any) -> None:
         self.shell = shell
+        self.fast: _FastChannel | None = None
 
     def open(self, comm: Any, msg: dict) -> None:
         """A host connected: tell it who we are so it can check versions before any pickle crosses."""
@@ -231,11 +267,16 @@ class Runtime:
             "implementation": sys.implementation.name,
             "cloudpickle": cloudpickle.__version__,
             "executable": sys.executable,
+            "fast": self.fast is not None,
         })
 
     def handle(self, comm: Any, msg: dict) -> None:
-        """Serve one request: run it, then reply with the pickled value or the exception."""
-        data = msg["content"]["data"]
+        """Serve one request that came as a comm message; reply on the comm."""
+        reply, frames = self.run(msg["content"]["data"], msg["buffers"])
+        comm.send(reply, buffers=frames)
+
+    def run(self, data: dict, buffers: list) -> tuple[dict, list]:
+        """Run one request; return the reply and the pickled value or the exception described."""
         reply: dict = {"op": "result", "id": data.get("id")}
         frames: list = []
         try:
@@ -243,7 +284,7 @@ class Runtime:
                 operation = getattr(self, "op_" + str(data.get("op")), None)
                 if operation is None:
                     raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
-                result = operation(data, msg["buffers"])
+                result = operation(data, buffers)
             except BaseException as exc:  # the user's error, KeyboardInterrupt included
                 if exc.__traceback__ is not None:  # hide this handler's own frames
                     exc.__traceback__ = exc.__traceback__.tb_next
@@ -270,7 +311,26 @@ class Runtime:
                     stream.flush()
                 except Exception:
                     pass
-        comm.send(reply, buffers=frames)
+        return reply, frames
+
+    def serve_fast(self, sock: Any, header: dict, frames: list) -> None:
+        """Serve a call from the fast channel: outputs go to iopub under the call's own id, then an
+        ``idle`` status marks that they are all out, then the reply goes back on the channel."""
+        parent = {"header": {"msg_id": header["msg_id"], "msg_type": "fal_magic_call", "session": header["session"],
+                             "username": "", "date": "", "version": "5.3"}}
+        kernel = self.shell.kernel
+        for target in (sys.stdout, sys.stderr, self.shell.display_pub):
+            if hasattr(target, "set_parent"):
+                target.set_parent(parent)
+        # ipykernel ignores SIGINT between requests; during a call it must raise KeyboardInterrupt
+        saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            reply, out = self.run({"op": "call", "id": header["id"]}, frames)
+        finally:
+            signal.signal(signal.SIGINT, saved)
+        kernel.session.send(kernel.iopub_socket, "status", {"execution_state": "idle"}, parent=parent,
+                            ident=b"status")
+        sock.send_multipart([json.dumps(reply).encode(), *out], copy=False)
 
     def op_call(self, data: dict, buffers: list) -> Any:
         """Run a pickled ``(function, args, kwargs)``."""
@@ -304,3 +364,5 @@ def install(shell: Any) -> None:
     manager = shell.kernel.comm_manager
     runtime = Runtime(shell)
     manager.register_target(COMM_TARGET, runtime.open)
+    if os.environ.get(FAST_ENV):
+        runtime.fast = _FastChannel(runtime, os.environ[FAST_ENV], shell.kernel.session.key)

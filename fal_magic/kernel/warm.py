@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import json
 import os
 import signal
 import sys
@@ -113,6 +114,7 @@ class WarmKernel:
         self.machine_type: str | None = None
         self.kill_reason: str | None = None
         self.broker: Any = None
+        self.fast: Any = None
         self.km: KernelManager | None = None
         self.kc: Any = None
         self.comm_id = uuid.uuid4().hex
@@ -133,6 +135,7 @@ class WarmKernel:
         self.broker = _CONTEXT.socket(zmq.ROUTER)
         broker_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-broker'}"
         self.broker.bind(broker_address)
+        fast_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-fast'}"
         child_env = {k: v for k, v in os.environ.items()
                      if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
         child_env.update(
@@ -140,6 +143,7 @@ class WarmKernel:
             PATH=f"{env.path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),
             FAL_MAGIC_BROKER=broker_address,
+            FAL_MAGIC_FAST=fast_address,
             PYDEVD_DISABLE_FILE_VALIDATION="1",
         )
         log = open(self.log_path, "ab", buffering=0)
@@ -154,7 +158,7 @@ class WarmKernel:
             self.kc = km.client(context=_CONTEXT)
             self.kc.start_channels()
             self.kc.wait_for_ready(timeout=timeout)
-            self._bootstrap(timeout)
+            self._bootstrap(timeout, fast_address)
         except BaseException as exc:
             tail = _tail(self.log_path)
             self.shutdown(now=True)
@@ -164,7 +168,7 @@ class WarmKernel:
                 f"kernel on {env.python} did not become ready: {exc}" + (f"\nkernel log:\n{tail}" if tail else "")
             ) from None
 
-    def _bootstrap(self, timeout: float) -> None:
+    def _bootstrap(self, timeout: float, fast_address: str) -> None:
         """Send the runtime in, open its comm, and check the kernel's Python against the host's."""
         kc = self.kc
         msg_id = kc.execute(_BOOTSTRAP, silent=True, store_history=False)
@@ -193,6 +197,9 @@ class WarmKernel:
             raise KernelStartError(f"the kernel has cloudpickle {hello['cloudpickle']}, the host "
                                    f"{cloudpickle.__version__}: they must match")
         self.pid = hello["pid"]
+        if hello.get("fast"):  # the runtime has bound its fast channel
+            self.fast = _CONTEXT.socket(zmq.PAIR)
+            self.fast.connect(fast_address)
 
     def _shell_reply(self, msg_id: str, timeout: float) -> dict:
         return self._wait(self.kc.shell_channel, timeout, "while waiting for a reply",
@@ -305,10 +312,12 @@ class WarmKernel:
                 self.km.cleanup_resources()
             except Exception:
                 pass
-        if self.broker is not None:
-            self.broker.close()
-            self.broker = None
-        for path in (self.log_path, self.runtime_dir / f"kernel-{self.id}-broker"):
+        for sock in (self.broker, self.fast):
+            if sock is not None:
+                sock.close()
+        self.broker = self.fast = None
+        for path in (self.log_path, self.runtime_dir / f"kernel-{self.id}-broker",
+                     self.runtime_dir / f"kernel-{self.id}-fast"):
             try:
                 path.unlink()
             except OSError:
@@ -325,6 +334,13 @@ class WarmKernel:
         """
         if op == "call":
             self.calls += 1
+            if self.fast is not None:
+                msg_id = uuid.uuid4().hex
+                header = json.dumps({"msg_id": msg_id, "id": msg_counter(),
+                                     "session": self.kc.session.session}).encode()
+                self.fast.send_multipart([runtime.sign(self.kc.session.key, header), header, *frames], copy=False)
+                return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=False, nested=nested,
+                                   fast=True)
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
                                                "data": {"op": op, "id": msg_counter(), **fields}})
         self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
@@ -337,25 +353,35 @@ class WarmKernel:
         return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
 
     def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool,
-               nested: NestedHandler | None = None) -> Reply:
+               nested: NestedHandler | None = None, fast: bool = False) -> Reply:
         """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel.
 
         The lease state (idle/busy) is the pool's business alone; this only ever marks a death.
         """
         interrupted_at: float | None = None
-        begun = False  # the kernel published something for this request: it has started it
+        # whether the kernel may have started the request: the comm path knows (its busy status comes
+        # first); a fast call may have started as soon as it is sent, so it is never retried
+        begun = fast
+        idle = False
         result: Reply | None = None
         last_check = time.monotonic()
         iopub = self.kc.iopub_channel
         poller = zmq.Poller()
         poller.register(iopub.socket, zmq.POLLIN)
         poller.register(self.broker, zmq.POLLIN)
+        if fast:
+            poller.register(self.fast, zmq.POLLIN)
         try:
             while True:
                 try:
                     ready = dict(poller.poll(LIVENESS_PERIOD * 1000))
                     if self.broker in ready:
                         self._serve_nested(sink, nested)
+                    if fast and self.fast in ready:
+                        head, *buffers = self.fast.recv_multipart(copy=False)
+                        result = Reply(json.loads(head.bytes), buffers)
+                        if idle:
+                            break
                     m = iopub.get_msg(timeout=0) if iopub.socket in ready else None
                     now = time.monotonic()
                     if m is None or now - last_check >= LIVENESS_PERIOD:
@@ -383,7 +409,9 @@ class WarmKernel:
                     elif kind == "comm_msg" and content.get("data", {}).get("op") == "result":
                         result = Reply(content["data"], m.get("buffers", []))
                     elif kind == "status" and content["execution_state"] == "idle":
-                        break
+                        idle = True  # every output of the request is out
+                        if result is not None or not fast:
+                            break
                 except KeyboardInterrupt:
                     if interrupted_at is not None:  # a second Ctrl-C: stop waiting at once
                         self.shutdown(now=True)

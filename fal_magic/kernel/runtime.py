@@ -41,10 +41,17 @@ def dumps(obj: Any) -> list:
     return [head, *(b.raw() for b in buffers)]
 
 
+def _writable(buffer: Any) -> Any:
+    """The buffer itself when it is writable (a received zmq frame), else a writable copy, so that
+    arrays that arrive out of band can be changed in place."""
+    view = memoryview(buffer)
+    return view if not view.readonly else bytearray(view)
+
+
 def loads(frames: list) -> Any:
-    """Inverse of ``dumps``; buffers are copied into writable memory (arrays may be changed in place)."""
+    """Inverse of ``dumps``."""
     head, *rest = frames
-    return cloudpickle.loads(head, buffers=[bytearray(b) for b in rest])
+    return cloudpickle.loads(head, buffers=[_writable(b) for b in rest])
 
 
 def type_name(obj_or_type: Any) -> str:

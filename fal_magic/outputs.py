@@ -19,6 +19,8 @@ class OutputSink(Protocol):
 
     def display(self, msg_type: str, content: dict[str, Any]) -> None: ...
 
+    def clear(self, wait: bool) -> None: ...
+
 
 def _ipython() -> Any:
     """The running IPython shell, or None in a plain interpreter."""
@@ -43,6 +45,17 @@ class CallerOutput:
 
     def display(self, msg_type: str, content: dict[str, Any]) -> None:
         self._context.run(self._display, msg_type, content)
+
+    def clear(self, wait: bool) -> None:
+        """The kernel cleared its output (progress bars do): clear the calling cell's, in a notebook."""
+        self._context.run(self._clear, wait)
+
+    @staticmethod
+    def _clear(wait: bool) -> None:
+        if _ipython() is not None:
+            from IPython.display import clear_output
+
+            clear_output(wait=wait)
 
     @staticmethod
     def _stream(name: str, text: str) -> None:

@@ -45,7 +45,8 @@ def test_cell_magic_notebook():
     kinds = [set(o.get("data", {})) for o in plot_cell.outputs]
     assert any("text/html" in k for k in kinds), plot_cell.outputs
     assert any("image/png" in k for k in kinds), plot_cell.outputs
-    error_cell = code[6]
+    assert outputs(code[6]) == "done\n"  # clear_output in the kernel cleared 'working...' here
+    error_cell = code[7]
     [err] = [o for o in error_cell.outputs if o.output_type == "error"]
     assert err.ename == "RemoteError"
     assert any("bad input 42" in line for line in err.traceback)

@@ -406,6 +406,8 @@ class WarmKernel:
                         sink.stream(content["name"], content["text"])
                     elif kind in DISPLAY_TYPES:
                         sink.display(kind, content)
+                    elif kind == "clear_output":
+                        sink.clear(content.get("wait", False))
                     elif kind == "comm_msg" and content.get("data", {}).get("op") == "result":
                         result = Reply(content["data"], m.get("buffers", []))
                     elif kind == "status" and content["execution_state"] == "idle":

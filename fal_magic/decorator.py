@@ -19,7 +19,7 @@ from .envs import EnvSpec, make_spec
 from .errors import FalMagicError
 from .kernel import get_pool
 from .kernel.runtime import isolated_proxy, map_chunk
-from .kernel.wire import code_files, dump_call, load_result, rebuild_exception, restore_frames
+from .kernel.wire import dump_call, load_result, rebuild_exception
 from .outputs import CallerOutput
 
 log = logging.getLogger("fal_magic")
@@ -119,7 +119,7 @@ class IsolatedFunction:
         __tracebackhide__ = True
         reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
                                 max_kernels=self.max_kernels, machine_type=self._options["machine_type"])
-        return load_result(reply.content, reply.buffers, self.spec.requirements, code_files(self.func))
+        return load_result(reply.content, reply.buffers, self.spec.requirements, self.func)
 
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Start a call in the background and return its Future (``asyncio.wrap_future`` makes it awaitable).
@@ -145,15 +145,13 @@ class IsolatedFunction:
         for start in range(0, len(items), chunksize):
             frames = dump_call(self.func, [items[start:start + chunksize]], {}, via=map_chunk)
             futures.append(_background().submit(self._run, frames, CallerOutput()))
-        files = code_files(self.func)
 
         def results() -> Iterator[Any]:
             try:
                 for fut in futures:
                     for ok, value in fut.result(timeout=timeout):
                         if not ok:
-                            value["traceback"] = restore_frames(value["traceback"], files)
-                            raise rebuild_exception(value, self.spec.requirements)
+                            raise rebuild_exception(value, self.spec.requirements, self.func)
                         yield value
             finally:
                 for fut in futures:

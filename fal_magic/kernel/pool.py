@@ -70,7 +70,8 @@ class KernelInfo:
 
 
 class KernelPool:
-    """Warm kernels by key; thread-safe. ``call`` and ``execute`` are the one client path to a kernel."""
+    """Warm kernels by key; thread-safe. ``lease`` (and ``call``, a lease around one call) is the one
+    client path to a kernel, for the decorator and the magics alike."""
 
     def __init__(self, config: FalMagic | None = None) -> None:
         self._config = config

@@ -1,9 +1,10 @@
 """WarmKernel: one ipykernel on an environment's Python, driven through jupyter_client.
 
 It starts the kernel over the IPC transport, sends the runtime in, and then serves one request at a
-time: a pickled call (a comm message with binary buffers) or a cell (an execute_request). While it
-waits it forwards the request's outputs to a sink, watches that the process is alive, and turns
-Ctrl-C into an interrupt of the kernel.
+time: a pickled call (on the runtime's fast channel, or as a comm message with binary buffers),
+a push/pull of variables (comm), or a cell (an execute_request). While it waits it forwards the
+request's outputs to a sink, serves nested isolated calls, watches that the process is alive, and
+turns Ctrl-C into an interrupt of the kernel.
 """
 from __future__ import annotations
 
@@ -232,15 +233,18 @@ class WarmKernel:
         status, out = nested(list(frames), sink)
         self.broker.send_multipart([ident, status, *out], copy=False)
 
+    def _process(self) -> Any:
+        """The kernel's Popen when it was launched locally, else None."""
+        return getattr(self.km.provisioner, "process", None) if self.km and self.km.provisioner else None
+
     def alive(self) -> bool:
         """Whether the kernel process still runs: a cheap poll of the child, and on Linux its state
         (a killed process can linger as a zombie leader, unreaped, while its threads wind down)."""
-        km = self.km
-        if km is None or km.provisioner is None:
+        if self.km is None or self.km.provisioner is None:
             return False
-        proc = getattr(km.provisioner, "process", None)
+        proc = self._process()
         if proc is None:
-            return bool(km.is_alive())
+            return bool(self.km.is_alive())
         if proc.poll() is not None:
             return False
         try:
@@ -251,7 +255,7 @@ class WarmKernel:
 
     def exit_code(self, wait: float = 3.0) -> int | None:
         """The exit code of a dead kernel (negative: the signal), waiting a little for it to be reaped."""
-        proc = getattr(self.km.provisioner, "process", None) if self.km and self.km.provisioner else None
+        proc = self._process()
         if proc is None:
             return None
         try:
@@ -285,7 +289,7 @@ class WarmKernel:
     def kill(self, reason: str) -> None:
         """SIGKILL the process from any thread; the thread serving a request then reports ``reason``."""
         self.kill_reason = reason
-        proc = getattr(self.km.provisioner, "process", None) if self.km and self.km.provisioner else None
+        proc = self._process()
         if proc is not None and proc.poll() is None:
             proc.kill()
 

@@ -155,9 +155,11 @@ def restore_frames(text: str, files: dict[str, str]) -> str:
     return _DYNAMIC_FRAME.sub(fix, text)
 
 
-def load_result(reply: dict, frames: list, requirements: Sequence[str] = (),
-                files: dict[str, str] | None = None) -> Any:
-    """The call's return value, or raise what the kernel raised (rebuilt), or SerializationError."""
+def load_result(reply: dict, frames: list, requirements: Sequence[str] = (), fn: Callable | None = None) -> Any:
+    """The call's return value, or raise what the kernel raised (rebuilt), or SerializationError.
+
+    ``fn`` is the function that ran, whose source files name the frames of a remote traceback.
+    """
     __tracebackhide__ = True  # IPython hides this frame: the remote traceback is what matters
     if reply.get("ok"):
         try:
@@ -170,17 +172,14 @@ def load_result(reply: dict, frames: list, requirements: Sequence[str] = (),
             ) from None
     if reply.get("kind") == "serialization":
         raise SerializationError(reply.get("message", "the result cannot be pickled"))
-    payload = loads(frames)
-    if files:
-        payload["traceback"] = restore_frames(payload["traceback"], files)
-    raise rebuild_exception(payload, requirements)
+    raise rebuild_exception(loads(frames), requirements, fn)
 
 
-def rebuild_exception(payload: dict, requirements: Sequence[str] = ()) -> BaseException:
+def rebuild_exception(payload: dict, requirements: Sequence[str] = (), fn: Callable | None = None) -> BaseException:
     """Rebuild the remote exception with its chain and remote traceback text; RemoteError if the type
-    cannot be rebuilt here."""
+    cannot be rebuilt here. With ``fn``, the traceback gets its file names and source lines back."""
     links = payload["chain"]
-    text = payload["traceback"]
+    text = payload["traceback"] if fn is None else restore_frames(payload["traceback"], code_files(fn))
     rebuilt: list[BaseException] = []
     for item in links:
         exc = None

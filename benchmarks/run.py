@@ -55,6 +55,37 @@ def rss_of(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def start_server(home: Path) -> tuple[str, "subprocess.Popen"]:
+    """A jupyter_server with the fal_magic extension on a free loopback port (its URL and process)."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    import jupyter_server  # noqa: F401  (ImportError: not installed)
+
+    from fal_magic import configure
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = os.urandom(16).hex()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
+         f"--IdentityProvider.token={token}", f"--port={port}", "--ip=127.0.0.1", "--no-browser", "--allow-root",
+         f"--ServerApp.root_dir={tempfile.mkdtemp(prefix='fal_bench_root_')}"],
+        env={**os.environ, "FAL_MAGIC_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(urllib.request.Request(url + "/api/status",
+                                                          headers={"Authorization": f"token {token}"}), timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    configure(token=token)
+    return url, proc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 200 MiB payload")
@@ -182,6 +213,27 @@ def main() -> None:
         ipp_rc[:].map_sync(echo, range(1000))
         row("ipyparallel map_sync, one engine", ms(time.perf_counter() - t))
         ipp_rc.cluster.stop_cluster_sync()
+
+    # -- a remote Jupyter Server over loopback ---------------------------------------------------
+    print("\nremote kernel on a Jupyter Server with the fal_magic extension, over loopback")
+    try:
+        url, server = start_server(home)
+    except ImportError:
+        print("  (jupyter_server not installed: pip install -e '.[server]')")
+    else:
+        try:
+            r_noop = isolated(keep_alive=600, host=url)(noop)
+            r_echo = isolated(keep_alive=600, requirements=["numpy"], host=url)(echo)
+            r_warm = median_time(r_noop, reps // 3)
+            row("fal_magic remote warm call", ms(r_warm), f"{r_warm / warm:.1f}x the local warm call")
+            arr = np.random.default_rng(0).random(50 * 2**20 // 8)
+            r_echo(np.zeros(1))
+            t_r = median_time(lambda: r_echo(arr), 5, warmup=1)
+            row("fal_magic remote 50 MiB round trip", f"{2 * arr.nbytes / t_r / 1e9:.2f} GB/s")
+        finally:
+            get_pool().shutdown()
+            server.terminate()
+            server.wait(timeout=30)
 
     # -- memory ---------------------------------------------------------------------------------
     print("\nmemory")

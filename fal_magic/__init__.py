@@ -12,6 +12,7 @@ from .config import FalMagic, configure
 from .decorator import IsolatedFunction, isolated
 from .kernel.runtime import cached
 from .errors import (
+    AuthenticationError,
     EnvironmentBuildError,
     FalMagicError,
     KernelDiedError,
@@ -25,6 +26,7 @@ from .widget import kernels
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "EnvironmentBuildError",
     "FalMagic",
     "FalMagicError",
@@ -54,6 +56,11 @@ def unload_ipython_extension(ipython) -> None:
     from .magics import unload
 
     unload(ipython)
+
+
+def _jupyter_server_extension_points() -> list[dict]:
+    """``--ServerApp.jpserver_extensions="{'fal_magic': True}"`` loads the server side (``fal_magic.server``)."""
+    return [{"module": "fal_magic.server"}]
 
 
 class _ProgressHandler(logging.Handler):

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from traitlets import Enum, Float, TraitError, Unicode
+from traitlets import Bool, Enum, Float, TraitError, Unicode
 from traitlets.config import Configurable
 
 from .errors import FalMagicError
 
 HOME_ENV = "FAL_MAGIC_HOME"
+TOKEN_ENV = "FAL_MAGIC_TOKEN"
 
 
 class FalMagic(Configurable):
@@ -43,6 +44,19 @@ class FalMagic(Configurable):
         help="Seconds an interrupted call may take to stop before its kernel is restarted.",
     )
 
+    host = Unicode(
+        "", config=True,
+        help="URL of a Jupyter Server with the fal_magic extension to run kernels on; empty: this machine.",
+    )
+    token = Unicode(
+        "", config=True, help="The remote Jupyter Server's token (default: $FAL_MAGIC_TOKEN, else none)."
+    )
+    allow_plain_http = Bool(
+        False, config=True,
+        help="Allow http:// (unencrypted) to a host other than this machine; tokens and pickles would cross "
+             "the network in clear text.",
+    )
+
     def home_path(self) -> Path:
         """The resolved cache directory: the configured one, else $FAL_MAGIC_HOME, else the user cache dir."""
         if self.home:
@@ -51,6 +65,10 @@ class FalMagic(Configurable):
         if env:
             return Path(env).expanduser()
         return Path(platformdirs.user_cache_dir("fal_magic", appauthor=False))
+
+    def resolved_token(self) -> str:
+        """The configured token, else $FAL_MAGIC_TOKEN."""
+        return self.token or os.environ.get(TOKEN_ENV, "")
 
 
 _settings: FalMagic | None = None

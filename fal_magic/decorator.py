@@ -18,6 +18,7 @@ from .config import settings
 from .envs import EnvSpec, make_spec
 from .errors import FalMagicError
 from .kernel import get_pool
+from .kernel.remote import check_url
 from .kernel.runtime import isolated_proxy, map_chunk
 from .kernel.wire import dump_call, load_result, rebuild_exception
 from .outputs import CallerOutput
@@ -25,7 +26,7 @@ from .outputs import CallerOutput
 log = logging.getLogger("fal_magic")
 
 SUPPORTED_KINDS = ("virtualenv",)
-_OPTION_NAMES = ("kind", "requirements", "keep_alive", "max_kernels", "machine_type")
+_OPTION_NAMES = ("kind", "requirements", "keep_alive", "max_kernels", "machine_type", "host")
 
 _machine_type_warned = False
 
@@ -42,7 +43,7 @@ def _background() -> concurrent.futures.ThreadPoolExecutor:
         return _executor
 
 
-def _check_options(kind: str, keep_alive: float | None, max_kernels: int) -> None:
+def _check_options(kind: str, keep_alive: float | None, max_kernels: int, host: str | None = None) -> None:
     if kind not in SUPPORTED_KINDS:
         raise FalMagicError(f"environment kind {kind!r} is not supported here; supported: "
                             f"{', '.join(SUPPORTED_KINDS)}")
@@ -51,6 +52,11 @@ def _check_options(kind: str, keep_alive: float | None, max_kernels: int) -> Non
         raise FalMagicError(f"keep_alive must be a number of seconds >= 0, not {keep_alive!r}")
     if not isinstance(max_kernels, int) or isinstance(max_kernels, bool) or max_kernels < 1:
         raise FalMagicError(f"max_kernels must be an integer >= 1, not {max_kernels!r}")
+    if host is not None:
+        if not isinstance(host, str):
+            raise FalMagicError(f"host must be a Jupyter Server URL (a string), not {type(host).__name__}")
+        if host:
+            check_url(host, settings().allow_plain_http)
 
 
 def _warn_machine_type(machine_type: str) -> None:
@@ -66,16 +72,17 @@ class IsolatedFunction:
     """A function bound to an environment; calling it runs it in that environment's warm kernel."""
 
     def __init__(self, func: Callable, *, kind: str = "virtualenv", requirements: Iterable[str] | str = (),
-                 keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None) -> None:
+                 keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None,
+                 host: str | None = None) -> None:
         if not callable(func):
             raise FalMagicError(f"@isolated decorates a function, not {type(func).__name__}")
-        _check_options(kind, keep_alive, max_kernels)
+        _check_options(kind, keep_alive, max_kernels, host)
         if machine_type is not None:
             _warn_machine_type(machine_type)
         self.func = func
         self.spec: EnvSpec = make_spec(requirements)
         self._options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,
-                         "max_kernels": max_kernels, "machine_type": machine_type}
+                         "max_kernels": max_kernels, "machine_type": machine_type, "host": host}
         functools.update_wrapper(self, func)
 
     @property
@@ -118,7 +125,8 @@ class IsolatedFunction:
     def _run(self, frames: list, sink: CallerOutput | None = None) -> Any:
         __tracebackhide__ = True
         reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
-                                max_kernels=self.max_kernels, machine_type=self._options["machine_type"])
+                                max_kernels=self.max_kernels, machine_type=self._options["machine_type"],
+                                host=self._options["host"])
         return load_result(reply.content, reply.buffers, self.spec.requirements, self.func)
 
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -167,8 +175,8 @@ class IsolatedFunction:
             leased = []
             try:  # hold each new kernel so that the next acquire starts another, up to max_kernels
                 for _ in range(self.max_kernels):
-                    leased.append(pool.acquire(self.spec, self.max_kernels,
-                                               machine_type=self._options["machine_type"]))
+                    leased.append(pool.acquire(self.spec, self.max_kernels, machine_type=self._options["machine_type"],
+                                               host=self._options["host"]))
             finally:
                 for kernel in leased:
                     pool.release(kernel, self.keep_alive)
@@ -178,20 +186,21 @@ class IsolatedFunction:
 
 def isolated(kind: str | Callable = "virtualenv", *, requirements: Iterable[str] | str = (),
              keep_alive: float | None = None, max_kernels: int = 1,
-             machine_type: str | None = None) -> Any:
+             machine_type: str | None = None, host: str | None = None) -> Any:
     """Run the decorated function in a warm, isolated kernel whose environment has ``requirements``.
 
     Usable bare (``@isolated``), with parentheses, or with the environment kind first
-    (``@isolated("virtualenv", requirements=[...])``), as in fal_serverless.
+    (``@isolated("virtualenv", requirements=[...])``), as in fal_serverless. ``host`` is a Jupyter
+    Server URL with the fal_magic extension (default: the configured ``host``; "" is this machine).
     """
     if callable(kind):
         return IsolatedFunction(kind, requirements=requirements, keep_alive=keep_alive,
-                                max_kernels=max_kernels, machine_type=machine_type)
-    _check_options(kind, keep_alive, max_kernels)
+                                max_kernels=max_kernels, machine_type=machine_type, host=host)
+    _check_options(kind, keep_alive, max_kernels, host)
     make_spec(requirements)  # a bad requirement fails at decoration, before anything is built
 
     def decorate(func: Callable) -> IsolatedFunction:
         return IsolatedFunction(func, kind=kind, requirements=requirements, keep_alive=keep_alive,
-                                max_kernels=max_kernels, machine_type=machine_type)
+                                max_kernels=max_kernels, machine_type=machine_type, host=host)
 
     return decorate

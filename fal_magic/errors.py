@@ -30,6 +30,10 @@ class KernelDiedError(FalMagicError):
         self.stderr_tail = stderr_tail
 
 
+class AuthenticationError(FalMagicError):
+    """A remote Jupyter Server refused this host's token (or the token is missing)."""
+
+
 class SerializationError(FalMagicError):
     """A function, argument or result could not be pickled or unpickled; the message names it."""
 

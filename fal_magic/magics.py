@@ -13,7 +13,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from .config import settings
 from .envs import make_spec
-from .errors import EnvironmentBuildError, RemoteError
+from .errors import EnvironmentBuildError, FalMagicError, RemoteError
 from .kernel import get_pool
 from .kernel.wire import dump_values, load_result
 from .outputs import CallerOutput
@@ -47,6 +47,8 @@ class IsolatedMagics(Magics):
               help="seconds the kernel stays warm after the cell (default: FalMagic.default_keep_alive)")
     @argument("--requirements", nargs="+", default=[], metavar="REQ",
               help="PEP 508 requirement specifiers for the cell's environment")
+    @argument("--host", default=None, metavar="URL",
+              help="a Jupyter Server with the fal_magic extension to run the cell on (default: FalMagic.host)")
     @argument("--push", action="append", default=[], metavar="NAME[,NAME...]",
               help="notebook variables to send into the kernel before the cell runs")
     @argument("--pull", action="append", default=[], metavar="NAME[,NAME...]",
@@ -73,10 +75,14 @@ class IsolatedMagics(Magics):
         keep_alive = settings().default_keep_alive if args.keep_alive is None else args.keep_alive
 
         pool = get_pool()
+        try:
+            pool.host_url(args.host)
+        except FalMagicError as exc:
+            raise UsageError(f"--host: {exc}") from None
         sink = CallerOutput()
         grace = pool.config.interrupt_grace
         pulled: dict[str, Any] = {}
-        with pool.lease(spec, keep_alive) as kernel:
+        with pool.lease(spec, keep_alive, host=args.host) as kernel:
             if push_frames is not None:
                 pushed = kernel.call(push_frames, sink, grace, op="push")
                 load_result(pushed.content, pushed.buffers, spec.requirements)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import threading
+import urllib.parse
 import time
 import weakref
 from typing import Any, Iterator
@@ -32,7 +33,10 @@ def _row(info: KernelInfo, now: float) -> tuple[str, ...]:
     reqs = ", ".join(info.requirements) or "-"
     if info.machine_type:
         reqs += f" [{info.machine_type}, not enforced]"
-    return (info.key[:8], reqs, str(info.pid or "-"), info.state, str(info.calls),
+    pid = str(info.pid or "-")
+    if info.host is not None:
+        pid += f" on {urllib.parse.urlsplit(info.host).netloc}"
+    return (info.key[:8], reqs, pid, info.state, str(info.calls),
             f"{max(0.0, now - info.last_used):.0f}s ago", _culled_in(info), _memory(info.rss_bytes))
 
 

@@ -16,9 +16,9 @@ from .conftest import pid_alive
 
 @pytest.fixture(scope="module")
 def ip():
-    from IPython.testing.globalipapp import start_ipython
+    from IPython.testing.globalipapp import get_ipython
 
-    shell = start_ipython()
+    shell = get_ipython()
     shell.run_line_magic("load_ext", "fal_magic")
     yield shell
     shell.run_line_magic("unload_ext", "fal_magic")

@@ -24,7 +24,9 @@ from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, make_spec
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
-from .warm import NestedHandler, NotStarted, Reply, WarmKernel
+from .base import KernelBase, NestedHandler, NotStarted, Reply
+from .remote import RemoteKernel, ServerClient, check_url
+from .warm import WarmKernel
 from .wire import describe_exception, dump_call, dumps, loads
 
 log = logging.getLogger("fal_magic")
@@ -49,6 +51,7 @@ class KernelInfo:
     last_used: float
     deadline: float
     machine_type: str | None = None
+    host: str | None = None
 
     @property
     def seconds_left(self) -> float | None:
@@ -59,8 +62,8 @@ class KernelInfo:
 
     @property
     def rss_bytes(self) -> int | None:
-        """The kernel process's resident memory now (Linux), or None where it cannot be read."""
-        if self.pid is None:
+        """The kernel process's resident memory now (Linux), or None where it cannot be read (remote)."""
+        if self.pid is None or self.host is not None:
             return None
         try:
             with open(f"/proc/{self.pid}/statm") as f:
@@ -75,7 +78,7 @@ class KernelPool:
 
     def __init__(self, config: FalMagic | None = None) -> None:
         self._config = config
-        self._kernels: dict[str, list[WarmKernel]] = {}
+        self._kernels: dict[str, list[KernelBase]] = {}  # by slot: the key, plus the host if remote
         self._caches: dict[Path, EnvCache] = {}
         self._key_cache: dict[str, EnvCache] = {}
         self._cond = threading.Condition()
@@ -112,12 +115,19 @@ class KernelPool:
 
     # -- leasing ----------------------------------------------------------------------
 
+    def host_url(self, host: str | None) -> str | None:
+        """Where kernels run: ``host``, else the configured host; None (or "") is this machine."""
+        host = self.config.host if host is None else host
+        return check_url(host, self.config.allow_plain_http) if host else None
+
     def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log.info,
-                machine_type: str | None = None) -> WarmKernel:
-        """Lease an idle kernel of ``spec``'s key, starting one if all are busy and there is room."""
+                machine_type: str | None = None, host: str | None = None) -> KernelBase:
+        """Lease an idle kernel of ``spec``'s key (on ``host``, see ``host_url``), starting one if all
+        are busy and there is room."""
         if max_kernels < 1:
             raise FalMagicError(f"max_kernels must be at least 1, not {max_kernels}")
-        key = spec.key
+        url = self.host_url(host)
+        key = spec.key if url is None else f"{spec.key}@{url}"
         with self._cond:
             if self._closed:
                 raise FalMagicError("fal_magic is shutting down")
@@ -134,18 +144,27 @@ class KernelPool:
                         return k
                 else:
                     if len(kernels) < max_kernels:
-                        kernel = WarmKernel(key, spec.requirements, self.runtime_dir())
+                        if url is None:
+                            kernel = WarmKernel(spec.key, spec.requirements, self.runtime_dir())
+                        else:
+                            kernel = RemoteKernel(spec.key, spec.requirements,
+                                                  ServerClient(url, self.config.resolved_token()))
                         kernel.machine_type = machine_type
                         kernels.append(kernel)
                         break
                     self._cond.wait()
         try:
-            cache = self._cache()
-            env = cache.get(spec, progress)
-            self._key_cache[key] = cache
             started = time.perf_counter()
-            kernel.start(env, self.config.kernel_start_timeout)
-            progress(f"kernel {kernel.id} started on environment {key} in {time.perf_counter() - started:.2f}s")
+            if isinstance(kernel, RemoteKernel):
+                kernel.start(spec, progress, self.config.kernel_start_timeout)
+            else:
+                cache = self._cache()
+                env = cache.get(spec, progress)
+                self._key_cache[key] = cache
+                started = time.perf_counter()
+                kernel.start(env, self.config.kernel_start_timeout)
+            progress(f"kernel {kernel.id} started on environment {spec.key}"
+                     f"{'' if url is None else ' at ' + url} in {time.perf_counter() - started:.2f}s")
         except BaseException:
             with self._cond:
                 self._forget(kernel)
@@ -161,7 +180,7 @@ class KernelPool:
             raise KernelStartError("the new kernel was shut down before its first call")
         return kernel
 
-    def release(self, kernel: WarmKernel, keep_alive: float) -> None:
+    def release(self, kernel: KernelBase, keep_alive: float) -> None:
         """Give a leased kernel back; it stays warm until the latest deadline any call promised it."""
         with self._cond:
             if kernel.state == "dead" or not kernel.alive():
@@ -175,23 +194,23 @@ class KernelPool:
         if shutdown:
             kernel.shutdown(now=True)
 
-    def _forget(self, kernel: WarmKernel) -> None:
+    def _forget(self, kernel: KernelBase) -> None:
         """Drop a kernel from the table (lock held); release the env's lock when its key has none left."""
-        kernels = self._kernels.get(kernel.key, [])
+        kernels = self._kernels.get(kernel.slot, [])
         if kernel in kernels:
             kernels.remove(kernel)
         if not kernels:
-            self._kernels.pop(kernel.key, None)
-            cache = self._key_cache.pop(kernel.key, None)
+            self._kernels.pop(kernel.slot, None)
+            cache = self._key_cache.pop(kernel.slot, None)
             if cache is not None:
                 cache.release(kernel.key)
         self._cond.notify_all()
 
     @contextmanager
-    def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1,
-              progress: Progress = log.info, machine_type: str | None = None) -> Iterator[WarmKernel]:
+    def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1, progress: Progress = log.info,
+              machine_type: str | None = None, host: str | None = None) -> Iterator[KernelBase]:
         """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
-        kernel = self.acquire(spec, max_kernels, progress, machine_type)
+        kernel = self.acquire(spec, max_kernels, progress, machine_type, host)
         try:
             yield kernel
         finally:
@@ -201,7 +220,7 @@ class KernelPool:
 
     def call(self, spec: EnvSpec, frames: list, sink: OutputSink, *, keep_alive: float,
              max_kernels: int = 1, progress: Progress = log.info, machine_type: str | None = None,
-             chain: tuple[str, ...] = ()) -> Reply:
+             chain: tuple[str, ...] = (), host: str | None = None) -> Reply:
         """Run a pickled call on a warm kernel of ``spec``'s key.
 
         A kernel found dead before it began the call (it crashed while idle) is replaced once.
@@ -210,11 +229,11 @@ class KernelPool:
         """
         nested = self._nested_calls((*chain, spec.key))
         try:
-            with self.lease(spec, keep_alive, max_kernels, progress, machine_type) as kernel:
+            with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host) as kernel:
                 return kernel.call(frames, sink, self.config.interrupt_grace, nested=nested)
         except NotStarted:
             pass
-        with self.lease(spec, keep_alive, max_kernels, progress, machine_type) as kernel:
+        with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host) as kernel:
             return kernel.call(frames, sink, self.config.interrupt_grace, nested=nested)
 
     def _nested_calls(self, chain: tuple[str, ...]) -> NestedHandler:
@@ -235,7 +254,8 @@ class KernelPool:
                 reply = self.call(spec, dump_call(fn, args, kwargs), sink,
                                   keep_alive=self.config.default_keep_alive if keep_alive is None else keep_alive,
                                   max_kernels=options.get("max_kernels", 1),
-                                  machine_type=options.get("machine_type"), chain=chain)
+                                  machine_type=options.get("machine_type"), chain=chain,
+                                  host=options.get("host"))
             except BaseException as exc:
                 return b"exception", dumps(describe_exception(exc))
             if reply.content.get("ok"):
@@ -312,7 +332,7 @@ class KernelPool:
             return [
                 KernelInfo(key=k.key, kernel_id=k.id, requirements=k.requirements, pid=k.pid, state=k.state,
                            calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline,
-                           machine_type=k.machine_type)
+                           machine_type=k.machine_type, host=k.host)
                 for ks in self._kernels.values() for k in ks
             ]
 

@@ -205,6 +205,9 @@ _broker: _Broker | None = None
 
 FAST_ENV = "FAL_MAGIC_FAST"
 
+#: Set in kernels that a fal_magic server extension starts for a remote host.
+REMOTE_ENV = "FAL_MAGIC_REMOTE"
+
 
 class _FastChannel:
     """The kernel's own socket for calls, read by the kernel's event loop: no shell dispatch, no
@@ -250,6 +253,9 @@ class isolated_proxy:  # noqa: N801 - stands in for an isolated function
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _broker is None and os.environ.get(REMOTE_ENV):
+            raise NestedCallError(f"{self.fn.__qualname__}() is isolated: it cannot be called from inside a kernel "
+                                  "on a remote server (nested isolated calls are brokered by a local host only)")
         if _broker is None:  # not inside a fal_magic kernel: the host's own decorator does the work
             from fal_magic.decorator import IsolatedFunction
 
@@ -263,6 +269,7 @@ class Runtime:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self.fast: _FastChannel | None = None
+        self._parts: dict[int, bytearray] = {}
 
     def open(self, comm: Any, msg: dict) -> None:
         """A host connected: tell it who we are so it can check versions before any pickle crosses."""
@@ -278,8 +285,21 @@ class Runtime:
         })
 
     def handle(self, comm: Any, msg: dict) -> None:
-        """Serve one request that came as a comm message; reply on the comm."""
-        reply, frames = self.run(msg["content"]["data"], msg["buffers"])
+        """Serve one request that came as a comm message; reply on the comm.
+
+        A large frame may come ahead in ``part`` messages (a remote host chunks what it sends through
+        a server's websocket); the request then names the frames to take from them.
+        """
+        data, buffers = msg["content"]["data"], list(msg["buffers"])
+        if data.get("op") == "part":
+            if data["offset"] == 0:
+                self._parts[data["index"]] = bytearray(data["size"])
+            chunk = memoryview(buffers[0]).cast("B")
+            self._parts[data["index"]][data["offset"]:data["offset"] + len(chunk)] = chunk
+            return
+        for index in data.get("parts", ()):
+            buffers[index] = self._parts.pop(index)
+        reply, frames = self.run(data, buffers)
         comm.send(reply, buffers=frames)
 
     def run(self, data: dict, buffers: list) -> tuple[dict, list]:

@@ -9,14 +9,11 @@ turns Ctrl-C into an interrupt of the kernel.
 from __future__ import annotations
 
 import hmac
-import itertools
 import json
 import os
 import signal
-import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any, Callable
@@ -29,26 +26,13 @@ from ..envs import Env
 from ..errors import KernelDiedError, KernelStartError
 from ..outputs import OutputSink
 from . import runtime
-
-_RUNTIME_SOURCE = Path(runtime.__file__).read_text()
-_BOOTSTRAP = (
-    "(lambda m: (__import__('sys').modules.__setitem__(m.__name__, m), "
-    "exec(compile({src!r}, {path!r}, 'exec'), m.__dict__), m.install(get_ipython())))"
-    "(__import__('types').ModuleType({name!r}))"
-).format(src=_RUNTIME_SOURCE, path=runtime.__file__, name=runtime.MODULE_NAME)
-
-#: Output message types forwarded to the caller as display outputs.
-DISPLAY_TYPES = ("display_data", "update_display_data", "execute_result")
-
-msg_counter = itertools.count().__next__
+from .base import (BOOTSTRAP, LIVENESS_PERIOD, KernelBase, NestedHandler, NotStarted, Reply, check_hello,
+                   comm_open, forward_output, is_hello, kernel_argv, msg_counter, runtime_reply)
 
 #: One zmq context for every kernel's sockets. Its sockets do not linger: a request left unsent to a
 #: kernel that died must not block closing them (a context's term() would wait for it forever).
 _CONTEXT = zmq.Context()
 _CONTEXT.setsockopt(zmq.LINGER, 0)
-
-#: How often, at the longest, liveness is checked while a request runs.
-LIVENESS_PERIOD = 0.2
 
 
 class _EnvKernelSpecs(KernelSpecManager):
@@ -65,25 +49,8 @@ class _EnvKernelSpecs(KernelSpecManager):
             display_name=f"fal_magic {kernel_name}",
             language="python",
             interrupt_mode="signal",
-            argv=[str(self.python), "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                  "--HistoryManager.enabled=False", "--Application.log_level=WARN"],
+            argv=kernel_argv(str(self.python)),
         )
-
-
-class NotStarted(KernelDiedError):
-    """The kernel died before it began the request, so the request did not run and may be retried."""
-
-
-#: Serves a nested isolated call: request frames and the caller's sink in, (status, frames) out.
-NestedHandler = Callable[[list, OutputSink], "tuple[bytes, list]"]
-
-
-@dataclass
-class Reply:
-    """The end of one request: the comm reply (calls) or the execute_reply content (cells)."""
-
-    content: dict[str, Any]
-    buffers: list = field(default_factory=list)
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -97,28 +64,18 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
-class WarmKernel:
-    """One kernel process and its client. Not thread-safe: the pool leases it to one caller at a time."""
+class WarmKernel(KernelBase):
+    """One kernel process on this machine and its client. Not thread-safe: the pool leases it to one
+    caller at a time."""
 
     def __init__(self, key: str, requirements: tuple[str, ...], runtime_dir: Path) -> None:
-        self.key = key
-        self.requirements = requirements
-        self.id = uuid.uuid4().hex[:12]
+        super().__init__(key, requirements)
         self.runtime_dir = runtime_dir
         self.log_path = runtime_dir / f"kernel-{self.id}.log"
-        self.state = "starting"  # starting | idle | busy | dead
-        self.calls = 0
-        self.started_at = time.time()
-        self.last_used = self.started_at
-        self.deadline = 0.0  # only idle kernels are culled; release() sets the real deadline
-        self.pid: int | None = None
-        self.machine_type: str | None = None
-        self.kill_reason: str | None = None
         self.broker: Any = None
         self.fast: Any = None
         self.km: KernelManager | None = None
         self.kc: Any = None
-        self.comm_id = uuid.uuid4().hex
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -172,31 +129,18 @@ class WarmKernel:
     def _bootstrap(self, timeout: float, fast_address: str) -> None:
         """Send the runtime in, open its comm, and check the kernel's Python against the host's."""
         kc = self.kc
-        msg_id = kc.execute(_BOOTSTRAP, silent=True, store_history=False)
+        msg_id = kc.execute(BOOTSTRAP, silent=True, store_history=False)
         reply = self._shell_reply(msg_id, timeout)
         if reply["content"]["status"] != "ok":
             c = reply["content"]
             raise KernelStartError(f"fal_magic runtime failed to load in the kernel: {c.get('ename')}: "
                                    f"{c.get('evalue')}\n" + "\n".join(c.get("traceback", [])))
-        msg = kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": runtime.COMM_TARGET,
-                                           "data": {}})
-        kc.shell_channel.send(msg)
+        kc.shell_channel.send(comm_open(kc.session, self.comm_id))
         try:
-            hello = self._wait(kc.iopub_channel, timeout, "while starting", lambda m: (
-                m["msg_type"] == "comm_msg" and m["content"]["data"].get("op") == "hello"))["content"]["data"]
+            hello = self._wait(kc.iopub_channel, timeout, "while starting", is_hello)["content"]["data"]
         except TimeoutError:
             raise KernelStartError("the fal_magic runtime in the kernel did not answer") from None
-        host = [sys.version_info.major, sys.version_info.minor]
-        if hello["python"][:2] != host or hello["implementation"] != sys.implementation.name:
-            raise KernelStartError(
-                f"the kernel runs {hello['implementation']} {'.'.join(map(str, hello['python']))} "
-                f"but the host runs {sys.implementation.name} {sys.version.split()[0]}: pickles cannot cross"
-            )
-        import cloudpickle
-
-        if hello["cloudpickle"] != cloudpickle.__version__:
-            raise KernelStartError(f"the kernel has cloudpickle {hello['cloudpickle']}, the host "
-                                   f"{cloudpickle.__version__}: they must match")
+        check_hello(hello)
         self.pid = hello["pid"]
         if hello.get("fast"):  # the runtime has bound its fast channel
             self.fast = _CONTEXT.socket(zmq.PAIR)
@@ -406,13 +350,9 @@ class WarmKernel:
                     begun = True
                     kind = m["msg_type"]
                     content = m["content"]
-                    if kind == "stream":
-                        sink.stream(content["name"], content["text"])
-                    elif kind in DISPLAY_TYPES:
-                        sink.display(kind, content)
-                    elif kind == "clear_output":
-                        sink.clear(content.get("wait", False))
-                    elif kind == "comm_msg" and content.get("data", {}).get("op") == "result":
+                    if forward_output(kind, content, sink):
+                        pass
+                    elif runtime_reply(kind, content):
                         result = Reply(content["data"], m.get("buffers", []))
                     elif kind == "status" and content["execution_state"] == "idle":
                         idle = True  # every output of the request is out

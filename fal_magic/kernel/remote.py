@@ -1,0 +1,414 @@
+"""RemoteKernel: a kernel on a Jupyter Server that has the fal_magic server extension.
+
+The server builds the environment and its kernelspec (``POST /fal_magic/api/envs``, progress streamed
+back as JSON lines); the kernel starts through the standard ``/api/kernels`` API and is driven over
+the standard kernel websocket, in the ``v1.kernel.websocket.jupyter.org`` framing (binary frames,
+no base64, and the server passes them through without re-encoding). The same runtime comm serves
+calls as on a local kernel; large frames go ahead in parts below the server's message size limit.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any, Callable, Iterable
+
+import websocket
+from jupyter_client.session import Session
+
+from ..envs import EnvSpec
+from ..errors import AuthenticationError, EnvironmentBuildError, FalMagicError, KernelDiedError, KernelStartError
+from ..outputs import OutputSink
+from .base import (BOOTSTRAP, LIVENESS_PERIOD, KernelBase, NestedHandler, NotStarted, Reply, check_hello,
+                   comm_open, forward_output, is_hello, msg_counter, runtime_reply)
+
+WS_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+
+#: Frames larger than this travel ahead in parts: a server refuses websocket messages over 10 MiB
+#: by default (tornado's ``websocket_max_message_size``).
+CHUNK = 4 * 1024 * 1024
+
+#: How long one HTTP exchange with the server may stay silent (builds send a heartbeat line).
+HTTP_TIMEOUT = 60.0
+
+_DEATH = "death"  # the inbox channel name of the reader's "the kernel is gone" notice
+
+
+def check_url(url: str, allow_plain_http: bool = False) -> str:
+    """``url`` without a trailing slash, if it may be used: https, or http to this machine (loopback)
+    only, unless plain http was allowed explicitly. FalMagicError otherwise."""
+    parsed = urllib.parse.urlsplit(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise FalMagicError(f"host must be a Jupyter Server URL like https://gpu-box:8888, not {url!r}")
+    if parsed.scheme == "http" and not allow_plain_http and not _is_loopback(parsed.hostname):
+        raise FalMagicError(
+            f"refusing plain http to {parsed.hostname}: the token and every pickled call would cross the network "
+            "unencrypted. Use https, or an SSH tunnel to localhost, or allow it explicitly with "
+            "fal_magic.configure(allow_plain_http=True)")
+    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
+
+
+def _is_loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def pack_v1(channel: str, parts: Iterable[Any]) -> bytes:
+    """One websocket message in the v1 kernel protocol: offsets, the channel, then the message parts."""
+    chunks = [channel.encode(), *parts]
+    offsets = [8 * (len(chunks) + 2)]
+    for chunk in chunks:
+        offsets.append(offsets[-1] + memoryview(chunk).nbytes)
+    head = b"".join(n.to_bytes(8, "little") for n in (len(offsets), *offsets))
+    return b"".join([head, *chunks])
+
+
+def unpack_v1(data: bytes) -> tuple[str, list[memoryview]]:
+    """Inverse of ``pack_v1``: the channel and the parts (views into ``data``, not copies)."""
+    view = memoryview(data)
+    count = int.from_bytes(view[:8], "little")
+    offsets = [int.from_bytes(view[8 * (i + 1):8 * (i + 2)], "little") for i in range(count)]
+    channel = bytes(view[offsets[0]:offsets[1]]).decode()
+    return channel, [view[offsets[i]:offsets[i + 1]] for i in range(1, count - 1)]
+
+
+class ServerError(FalMagicError):
+    """The server answered a request with an error status (other than an authentication failure)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServerClient:
+    """The REST side of one Jupyter Server: environments, kernels, interrupts; errors made clear."""
+
+    def __init__(self, url: str, token: str = "") -> None:
+        self.url = url
+        self.token = token
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"} if self.token else {}
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = HTTP_TIMEOUT) -> Any:
+        """An open HTTP response for ``method path`` (JSON body); FalMagicError subclasses on failure."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {**self._headers(), **({"Content-Type": "application/json"} if data is not None else {})}
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            return urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            detail = _server_message(exc)
+            if exc.code in (401, 403):
+                raise AuthenticationError(
+                    f"the Jupyter Server at {self.url} refused the request ({exc.code} {exc.reason}): "
+                    + ("its token is not the one configured" if self.token else "it needs a token")
+                    + "; set it with fal_magic.configure(token=...) or $FAL_MAGIC_TOKEN") from None
+            if exc.code == 404 and path.startswith("/fal_magic/"):
+                raise FalMagicError(
+                    f"the Jupyter Server at {self.url} has no fal_magic extension: start it with "
+                    "jupyter server --ServerApp.jpserver_extensions=\"{'fal_magic': True}\"") from None
+            raise ServerError(f"the Jupyter Server at {self.url} answered {method} {path} with "
+                              f"{exc.code} {exc.reason}" + (f": {detail}" if detail else ""), exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise KernelStartError(f"cannot reach the Jupyter Server at {self.url}: {reason}") from None
+
+    def build_env(self, spec: EnvSpec, progress: Callable[[str], None]) -> str:
+        """Have the server build (or find) ``spec``'s environment; return the kernelspec name for it."""
+        body = {"requirements": list(spec.requirements), "python": spec.python, "cloudpickle": spec.cloudpickle}
+        with self.request("POST", "/fal_magic/api/envs", body) as resp:
+            for line in resp:
+                if not line.strip():
+                    continue  # a heartbeat while the build is silent
+                event = json.loads(line)
+                if "progress" in event:
+                    progress(f"{self.url}: {event['progress']}")
+                elif "error" in event:
+                    kind = EnvironmentBuildError if event.get("type") == "EnvironmentBuildError" else FalMagicError
+                    raise kind(f"on {self.url}: {event['error']}")
+                elif "kernel_name" in event:
+                    return event["kernel_name"]
+        raise FalMagicError(f"the Jupyter Server at {self.url} ended the environment build without an answer")
+
+    def start_kernel(self, kernel_name: str) -> str:
+        with self.request("POST", "/api/kernels", {"name": kernel_name}) as resp:
+            return json.load(resp)["id"]
+
+    def delete_kernel(self, kernel_id: str, patience: float = 10.0) -> None:
+        """Shut a kernel down. A kernel the server is restarting (after a death) refuses with a 500
+        until the restart is done, so that is retried for up to ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self.request("DELETE", f"/api/kernels/{kernel_id}").close()
+                return
+            except ServerError as exc:
+                if exc.status == 404:  # already gone
+                    return
+                if exc.status != 500 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.25)
+
+    def interrupt_kernel(self, kernel_id: str) -> None:
+        self.request("POST", f"/api/kernels/{kernel_id}/interrupt").close()
+
+    def kernels(self) -> list[dict]:
+        """The server's kernel models (``GET /api/kernels``)."""
+        with self.request("GET", "/api/kernels") as resp:
+            return json.load(resp)
+
+    def connect(self, kernel_id: str, timeout: float) -> websocket.WebSocket:
+        """The kernel's channels websocket, in the v1 framing (jupyter_server 2 or newer)."""
+        url = self.url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
+        headers = [f"{k}: {v}" for k, v in self._headers().items()]
+        try:
+            ws = websocket.create_connection(url, header=headers, subprotocols=[WS_PROTOCOL], timeout=timeout,
+                                             enable_multithread=True)
+        except websocket.WebSocketBadStatusException as exc:
+            if exc.status_code in (401, 403):
+                raise AuthenticationError(f"the Jupyter Server at {self.url} refused the kernel websocket "
+                                          f"({exc.status_code})") from None
+            raise KernelStartError(f"cannot open the kernel websocket at {self.url}: {exc}") from None
+        except (OSError, websocket.WebSocketException) as exc:
+            raise KernelStartError(f"cannot open the kernel websocket at {self.url}: {exc}") from None
+        if ws.getsubprotocol() != WS_PROTOCOL:
+            ws.close()
+            raise KernelStartError(f"the Jupyter Server at {self.url} does not speak the {WS_PROTOCOL} kernel "
+                                   "websocket protocol (jupyter_server 2 or newer is needed)")
+        ws.settimeout(None)
+        return ws
+
+
+def _server_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(exc.read() or b"{}").get("message", "")
+    except (ValueError, OSError, AttributeError):
+        return ""
+
+
+class RemoteKernel(KernelBase):
+    """One kernel on a Jupyter Server, driven over its websocket. Leased to one caller at a time; a
+    reader thread moves incoming messages to an inbox, so waiting on it stays interruptible."""
+
+    def __init__(self, key: str, requirements: tuple[str, ...], server: ServerClient) -> None:
+        super().__init__(key, requirements)
+        self.server = server
+        self.host = server.url
+        self.remote_id: str | None = None
+        self.ws: websocket.WebSocket | None = None
+        self.session = Session(key=b"", username="fal_magic")  # the server signs what it forwards
+        self._inbox: queue.Queue = queue.Queue()
+        self._death: str | None = None
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self, spec: EnvSpec, progress: Callable[[str], None], timeout: float) -> None:
+        """Build the env on the server, start a kernel there, connect, and load the runtime."""
+        kernel_name = self.server.build_env(spec, progress)
+        self.remote_id = self.server.start_kernel(kernel_name)
+        try:
+            self.ws = self.server.connect(self.remote_id, timeout)
+            threading.Thread(target=self._read, args=(self.ws,), name=f"fal_magic-ws-{self.id}",
+                             daemon=True).start()
+            msg_id = self._send("shell", self.session.msg("execute_request", {
+                "code": BOOTSTRAP, "silent": True, "store_history": False, "user_expressions": {},
+                "allow_stdin": False, "stop_on_error": True}))
+            reply = self._wait(timeout, lambda ch, m: ch == "shell" and m["parent_header"].get("msg_id") == msg_id)
+            if reply["content"]["status"] != "ok":
+                c = reply["content"]
+                raise KernelStartError(f"fal_magic runtime failed to load in the remote kernel: {c.get('ename')}: "
+                                       f"{c.get('evalue')}")
+            self._send("shell", comm_open(self.session, self.comm_id))
+            hello = self._wait(timeout, lambda ch, m: ch == "iopub" and is_hello(m))["content"]["data"]
+            check_hello(hello)
+            self.pid = hello["pid"]
+        except BaseException as exc:
+            self.shutdown(now=True)
+            if isinstance(exc, FalMagicError) or not isinstance(exc, Exception):
+                raise
+            raise KernelStartError(f"the kernel on {self.host} did not become ready: {exc}") from None
+
+    def _read(self, ws: websocket.WebSocket) -> None:
+        """Reader thread: decode each websocket message into the inbox; note a death or a closed line."""
+        reason = "the connection to the server closed"
+        while True:
+            try:
+                data = ws.recv()
+            except Exception:
+                break
+            if not isinstance(data, bytes) or not data:
+                continue
+            channel, parts = unpack_v1(data)
+            header, parent, _, content = (json.loads(bytes(p)) for p in parts[:4])
+            m = {"header": header, "parent_header": parent, "msg_type": header.get("msg_type"),
+                 "content": content, "buffers": parts[4:]}
+            if channel == "iopub" and m["msg_type"] == "status" and \
+                    content.get("execution_state") in ("restarting", "dead"):
+                reason = f"the server reports the kernel {content['execution_state']} (its process ended)"
+                break
+            self._inbox.put((channel, m))
+        self._death = reason
+        self._inbox.put((_DEATH, reason))
+
+    def _send(self, channel: str, msg: dict, buffers: Iterable[Any] = ()) -> str:
+        pack = self.session.pack
+        parts = [pack(msg["header"]), pack(msg["parent_header"]), pack(msg["metadata"]), pack(msg["content"]),
+                 *buffers]
+        try:
+            self.ws.send(pack_v1(channel, parts), opcode=websocket.ABNF.OPCODE_BINARY)
+        except (OSError, websocket.WebSocketException) as exc:
+            raise NotStarted(f"the connection to the kernel on {self.host} is gone: {exc}") from None
+        return msg["header"]["msg_id"]
+
+    def _died(self, reason: str, when: str, begun: bool) -> KernelDiedError:
+        self.state = "dead"
+        message = f"the kernel {self.remote_id} on {self.host} died {when}: {self.kill_reason or reason}"
+        return (KernelDiedError if begun else NotStarted)(message)
+
+    def _wait(self, timeout: float, wanted: Callable[[str, dict], bool]) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise KernelStartError(f"the kernel on {self.host} did not answer within {timeout:g}s")
+            try:
+                channel, m = self._inbox.get(timeout=min(remaining, LIVENESS_PERIOD))
+            except queue.Empty:
+                continue
+            if channel == _DEATH:
+                raise KernelStartError(f"the kernel on {self.host} died while starting: {m}")
+            if wanted(channel, m):
+                return m
+
+    def alive(self) -> bool:
+        """Whether the kernel is still there as far as its websocket tells (no network round trip)."""
+        return self.ws is not None and self._death is None
+
+    def _delete(self) -> None:
+        try:
+            self.server.delete_kernel(self.remote_id)
+        except FalMagicError:
+            pass  # the server's orphan culler stops it once no host is connected
+
+    def kill(self, reason: str) -> None:
+        """Stop the kernel on the server from any thread; the thread serving a request reports ``reason``."""
+        self.kill_reason = reason
+        if self.remote_id is not None:
+            self._delete()
+
+    def interrupt(self) -> None:
+        """Ask the server to interrupt the kernel (SIGINT there): KeyboardInterrupt in the running code."""
+        if self.remote_id is not None and self.alive():
+            try:
+                self.server.interrupt_kernel(self.remote_id)
+            except FalMagicError:
+                pass
+
+    def shutdown(self, now: bool = False) -> None:
+        """Shut the kernel down on the server and close the websocket. After a death the server may
+        be restarting the kernel; that deletion waits in the background rather than in the caller."""
+        self.state = "dead"
+        if self.remote_id is not None:
+            if self._death is None:
+                self._delete()
+            else:
+                threading.Thread(target=self._delete, name=f"fal_magic-delete-{self.id}", daemon=True).start()
+        if self.ws is not None:
+            try:
+                self.ws.close(timeout=1)
+            except Exception:
+                pass
+
+    # -- requests --------------------------------------------------------------------------
+
+    def call(self, frames: list, sink: OutputSink, interrupt_grace: float, op: str = "call",
+             nested: NestedHandler | None = None, **fields: Any) -> Reply:
+        """Send a runtime request (see ``WarmKernel.call``); frames over ``CHUNK`` go ahead in parts.
+        Nested isolated calls are not brokered for a remote kernel (the runtime says so)."""
+        if op == "call":
+            self.calls += 1
+        frames = list(frames)
+        parts = []
+        for index, frame in enumerate(frames):
+            view = memoryview(frame).cast("B")
+            if view.nbytes > CHUNK:
+                for offset in range(0, view.nbytes, CHUNK):
+                    part = {"op": "part", "index": index, "offset": offset, "size": view.nbytes}
+                    self._send("shell", self._comm_msg(part), [view[offset:offset + CHUNK]])
+                frames[index] = b""
+                parts.append(index)
+        msg_id = self._send("shell", self._comm_msg({"op": op, "id": msg_counter(), "parts": parts, **fields}),
+                            frames)
+        return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=False)
+
+    def _comm_msg(self, data: dict) -> dict:
+        return self.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
+
+    def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
+        """Run cell source in the kernel's namespace; return the execute_reply content."""
+        self.calls += 1
+        msg_id = self._send("shell", self.session.msg("execute_request", {
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": True}))
+        return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
+
+    def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool) -> Reply:
+        """Forward outputs until the request is done (result and idle, or execute_reply and idle);
+        Ctrl-C interrupts the kernel through the server."""
+        interrupted_at: float | None = None
+        begun = idle = False
+        result: Reply | None = None
+        shell_reply: dict | None = None
+        try:
+            while True:
+                try:
+                    try:
+                        channel, m = self._inbox.get(timeout=LIVENESS_PERIOD)
+                    except queue.Empty:
+                        channel = m = None
+                    if channel == _DEATH:
+                        raise self._died(m, "during the call", begun)
+                    if interrupted_at is not None and time.monotonic() - interrupted_at > grace:
+                        self.shutdown(now=True)
+                        raise KernelDiedError(
+                            f"the interrupted call did not stop within {grace:g}s; its kernel was shut down "
+                            "(the next call starts a fresh one)") from KeyboardInterrupt()
+                    if m is None or m["parent_header"].get("msg_id") != msg_id:
+                        continue
+                    begun = True
+                    if channel == "shell":
+                        shell_reply = m
+                    elif channel == "iopub":
+                        kind, content = m["msg_type"], m["content"]
+                        if forward_output(kind, content, sink):
+                            continue
+                        if runtime_reply(kind, content):
+                            result = Reply(content["data"], m["buffers"])
+                        elif kind == "status" and content["execution_state"] == "idle":
+                            idle = True
+                    if idle and (shell_reply is not None or not expect_shell_reply):
+                        break
+                except KeyboardInterrupt:
+                    if interrupted_at is not None:  # a second Ctrl-C: stop waiting at once
+                        self.shutdown(now=True)
+                        raise
+                    interrupted_at = time.monotonic()
+                    self.interrupt()
+            if expect_shell_reply:
+                result = Reply(shell_reply["content"])
+            if result is None:
+                raise KernelDiedError("the kernel finished the request without a reply from the fal_magic runtime")
+            return result
+        finally:
+            self.last_used = time.time()

@@ -1,0 +1,202 @@
+"""The server side: build environments and their kernelspecs on request; cull kernels nobody holds.
+
+Configured like any server option, e.g. ``--FalMagicServer.orphan_timeout=120``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from jupyter_core.utils import ensure_async
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+from tornado.ioloop import PeriodicCallback
+from traitlets import Dict, Float, Unicode
+from traitlets.config import LoggingConfigurable
+
+from ..config import FalMagic
+from ..envs import EnvCache, EnvSpec, make_spec
+from ..envs.cache import ensure_private_dir
+from ..envs.spec import host_python
+from ..errors import FalMagicError
+from ..kernel.base import kernel_argv
+from ..kernel.runtime import REMOTE_ENV
+
+#: Kernelspecs made here are named ``fal_magic-<key>``; the culler looks after kernels of those only.
+SPEC_PREFIX = "fal_magic-"
+
+#: Seconds between two heartbeat lines while a build is silent (keeps proxies and clients from timing out).
+HEARTBEAT = 5.0
+
+
+class FalMagicServer(LoggingConfigurable):
+    """The extension's settings and its work: environments, kernelspecs, the orphan culler."""
+
+    home = Unicode(
+        "", config=True,
+        help="Environment cache of this server; empty: $FAL_MAGIC_HOME, else the user cache dir.",
+    )
+    orphan_timeout = Float(
+        300.0, min=1.0, config=True,
+        help="Seconds a fal_magic kernel may stay without any host connected before it is shut down "
+             "(the host's own keep-alive normally ends it much earlier).",
+    )
+
+    kernelspec_metadata = Dict(
+        config=True,
+        help="Merged into the metadata of every kernelspec written here, e.g. a kernel_provisioner "
+             "(gateway_provisioners) that starts the kernels in containers.",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        home = Path(self.home).expanduser() if self.home else FalMagic().home_path()
+        self.cache = EnvCache(home)
+        self.kernelspecs_dir = home / "kernelspecs"
+        self._unheld_since: dict[str, float] = {}
+
+    def prepare(self, spec: EnvSpec, progress: Callable[[str], None]) -> str:
+        """Build (or find) ``spec``'s environment and write its kernelspec; return the kernelspec name.
+
+        Runs in a worker thread. The environment stays held (its shared lock) while the server runs.
+        """
+        env = self.cache.get(spec, progress)
+        name = SPEC_PREFIX + spec.key
+        spec_dir = ensure_private_dir(ensure_private_dir(self.kernelspecs_dir) / name)
+        kernel_json = {
+            "argv": kernel_argv(str(env.python)),
+            "display_name": f"fal_magic {', '.join(spec.requirements) or 'no requirements'}",
+            "language": "python",
+            "interrupt_mode": "signal",
+            "env": {"VIRTUAL_ENV": str(env.path), "PATH": f"{env.path / 'bin'}{os.pathsep}${{PATH}}",
+                    REMOTE_ENV: "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+            "metadata": {**self.kernelspec_metadata,
+                         "fal_magic": {"key": spec.key, "requirements": list(spec.requirements)}},
+        }
+        tmp = spec_dir / "kernel.json.tmp"
+        tmp.write_text(json.dumps(kernel_json, indent=1))
+        tmp.replace(spec_dir / "kernel.json")
+        return name
+
+    async def cull_orphans(self, kernel_manager: Any) -> None:
+        """Shut down fal_magic kernels that have had no websocket connection for ``orphan_timeout``."""
+        now = time.monotonic()
+        live = set()
+        for model in kernel_manager.list_kernels():
+            if not str(model.get("name", "")).startswith(SPEC_PREFIX):
+                continue
+            kid = model["id"]
+            live.add(kid)
+            if model.get("connections", 0) > 0:
+                self._unheld_since.pop(kid, None)
+                continue
+            since = self._unheld_since.setdefault(kid, now)
+            if now - since >= self.orphan_timeout:
+                self.log.info("fal_magic: shutting down kernel %s: no host connected for %.0fs", kid, now - since)
+                self._unheld_since.pop(kid, None)
+                live.discard(kid)
+                try:
+                    await ensure_async(kernel_manager.shutdown_kernel(kid))
+                except Exception:
+                    self.log.warning("fal_magic: could not shut down kernel %s", kid, exc_info=True)
+        for kid in set(self._unheld_since) - live:
+            del self._unheld_since[kid]
+
+
+class EnvsHandler(APIHandler):
+    """``POST /fal_magic/api/envs`` with ``{"requirements", "python", "cloudpickle"}``: JSON lines of
+    ``{"progress"}``, then ``{"kernel_name", "key"}`` or ``{"error", "type"}``."""
+
+    auth_resource = "kernels"  # building an env is as powerful as starting a kernel
+
+    @property
+    def ext(self) -> FalMagicServer:
+        return self.settings["fal_magic"]
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = self.get_json_body() or {}
+        requirements, python, cloudpickle = body.get("requirements"), body.get("python"), body.get("cloudpickle")
+        if not isinstance(requirements, list) or not isinstance(python, str) or not isinstance(cloudpickle, str):
+            raise web.HTTPError(400, "expected JSON with requirements (a list), python and cloudpickle (strings)")
+        if python != host_python():
+            raise web.HTTPError(409, f"this server runs {host_python()} and the host {python}: pickled functions "
+                                     "cannot cross between Python versions")
+        try:
+            spec = EnvSpec(requirements=make_spec(requirements).requirements, python=python, cloudpickle=cloudpickle)
+        except FalMagicError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        self.set_header("Content-Type", "application/x-ndjson")
+        self.set_header("Cache-Control", "no-cache")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        build = loop.run_in_executor(None, self.ext.prepare, spec,
+                                     lambda text: loop.call_soon_threadsafe(events.put_nowait, {"progress": text}))
+        getter: asyncio.Future | None = None
+        while not build.done():
+            getter = getter or asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({build, getter}, timeout=HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                self.write(json.dumps(getter.result()) + "\n")
+                getter = None
+            elif not done:
+                self.write("\n")
+            await self.flush()
+        if getter is not None:
+            getter.cancel()
+        while not events.empty():
+            self.write(json.dumps(events.get_nowait()) + "\n")
+        try:
+            name = build.result()
+        except FalMagicError as exc:
+            self.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
+        else:
+            self.write(json.dumps({"kernel_name": name, "key": spec.key}) + "\n")
+        await self.finish()
+
+
+def _without_nagle(base: type) -> type:
+    """The server's kernel websocket connection class, with Nagle's algorithm off for fal_magic kernels.
+
+    A call's small replies (status, result) would otherwise wait for the host's delayed ACK (~40 ms
+    each round trip on Linux); jupyter_server leaves the kernel websocket's TCP_NODELAY unset.
+    """
+
+    class FalMagicConnection(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> Any:
+            kernel_name = str(getattr(self.kernel_manager, "kernel_name", ""))
+            handler = self.websocket_handler
+            if kernel_name.startswith(SPEC_PREFIX) and getattr(handler, "ws_connection", None) is not None:
+                handler.set_nodelay(True)
+            return super().connect()
+
+    return FalMagicConnection
+
+
+def load(serverapp: Any) -> None:
+    """Register the endpoint, make the server find our kernelspecs, and start the orphan culler."""
+    ext = FalMagicServer(parent=serverapp, log=serverapp.log)
+    ensure_private_dir(ext.cache.home)
+    ensure_private_dir(ext.kernelspecs_dir)
+    specs = serverapp.kernel_spec_manager
+    if str(ext.kernelspecs_dir) not in specs.kernel_dirs:
+        specs.kernel_dirs = [*specs.kernel_dirs, str(ext.kernelspecs_dir)]
+    web_app = serverapp.web_app
+    web_app.settings["fal_magic"] = ext
+    connection_class = web_app.settings.get("kernel_websocket_connection_class")
+    if connection_class is not None:
+        web_app.settings["kernel_websocket_connection_class"] = _without_nagle(connection_class)
+    route = url_path_join(web_app.settings["base_url"], "fal_magic", "api", "envs")
+    web_app.add_handlers(".*$", [(route, EnvsHandler)])
+    culler = PeriodicCallback(lambda: asyncio.ensure_future(ext.cull_orphans(serverapp.kernel_manager)),
+                              1000 * min(5.0, ext.orphan_timeout / 2))
+    culler.start()
+    serverapp.log.info("fal_magic: environments in %s; kernels without a host are shut down after %gs",
+                       ext.cache.home, ext.orphan_timeout)

@@ -1,0 +1,320 @@
+"""Isolated kernels on a real Jupyter Server (its own process, FAL_MAGIC_HOME and token) with the
+fal_magic extension, reached over loopback: the decorator, the cell magic, keep-alive, errors,
+deaths, interrupts, large payloads, authentication, and the server's culler of orphaned kernels."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from IPython.utils.capture import capture_output
+
+import fal_magic
+from fal_magic import AuthenticationError, FalMagicError, KernelDiedError, KernelStartError, RemoteError, isolated
+from fal_magic.kernel import get_pool
+from fal_magic.kernel.remote import pack_v1, unpack_v1
+
+from .conftest import pid_alive, wait_until
+
+TOKEN = "fal-magic-test-token"
+ORPHAN_TIMEOUT = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, path: str, token: str = TOKEN):
+    req = urllib.request.Request(url + path, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+@pytest.fixture(scope="module")
+def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A jupyter_server with the extension on 127.0.0.1; its kernels are children of this process."""
+    port = _free_port()
+    root = tmp_path_factory.mktemp("server_root")
+    env = {**os.environ, "FAL_MAGIC_HOME": str(fal_home / "server")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
+         f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
+         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            _api(url, "/api/status")
+            return True
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(up, timeout=60, interval=0.2), (root / "server.log").read_text()[-3000:]
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def remote(server):
+    """The server's URL, with fal_magic configured for it; after the test no kernel is left there."""
+    url, _ = server
+    fal_magic.configure(host=url, token=TOKEN)
+    yield url
+    get_pool().shutdown()
+    assert wait_until(lambda: not _api(url, "/api/kernels"), timeout=20), "kernels left on the server"
+
+
+def _parent(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+def test_v1_framing_matches_jupyter_servers():
+    from jupyter_server.services.kernels.connection.base import (deserialize_msg_from_ws_v1,
+                                                                 serialize_msg_to_ws_v1)
+
+    parts = [b'{"msg_id": "1"}', b"{}", b"{}", b'{"a": 1}', b"\x00" * 10, b"buffer"]
+    channel, got = deserialize_msg_from_ws_v1(pack_v1("shell", parts))
+    assert channel == "shell" and got == parts
+    channel, views = unpack_v1(serialize_msg_to_ws_v1(parts, "iopub"))
+    assert channel == "iopub" and [bytes(v) for v in views] == parts
+
+
+def test_decorator_runs_on_the_server_warm_and_streams_output(remote, server, capsys):
+    _, proc = server
+
+    @isolated(keep_alive=30, requirements=["humanize==4.16.0"])
+    def where(n):
+        import os
+
+        import humanize
+
+        print("printed in the remote kernel")
+        return os.getpid(), humanize.intcomma(n)
+
+    pid, text = where(10**6)
+    assert text == "1,000,000"
+    assert _parent(pid) == proc.pid  # the server started it, not this process
+    assert "printed in the remote kernel" in capsys.readouterr().out
+    assert where(1)[0] == pid  # warm: the same kernel
+    [info] = fal_magic.kernels()
+    assert info.host == remote and info.pid == pid and info.calls == 2 and info.rss_bytes is None
+    assert [k["name"] for k in _api(remote, "/api/kernels")] == [f"fal_magic-{info.key}"]
+
+
+def test_host_per_function_and_local_stays_local(remote, server):
+    fal_magic.configure(host="")  # the default is this machine again; only the function names the server
+
+    @isolated(keep_alive=30, host=remote)
+    def there():
+        import os
+
+        return os.getpid()
+
+    @isolated(keep_alive=30)
+    def here():
+        import os
+
+        return os.getpid()
+
+    assert _parent(there()) == server[1].pid
+    assert _parent(here()) == os.getpid()
+
+
+def test_keep_alive_expiry_shuts_the_remote_kernel_down(remote):
+    @isolated(keep_alive=1)
+    def one():
+        return 1
+
+    assert one() == 1
+    assert len(_api(remote, "/api/kernels")) == 1
+    assert wait_until(lambda: not _api(remote, "/api/kernels"), timeout=20)
+    assert len(fal_magic.kernels()) == 0
+
+
+def test_remote_exception_keeps_type_message_and_traceback(remote):
+    @isolated(keep_alive=30)
+    def fails(x):
+        raise ValueError(f"bad value {x}")
+
+    with pytest.raises(ValueError, match="bad value 7") as info:
+        fails(7)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert 'raise ValueError(f"bad value {x}")' in notes
+
+
+def test_remote_kernel_death_is_reported_and_the_next_call_gets_a_new_kernel(remote):
+    @isolated(keep_alive=30)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    @isolated(keep_alive=30)
+    def die():
+        import os
+
+        os._exit(3)
+
+    before = pid()
+    with pytest.raises(KernelDiedError, match="died during the call"):
+        die()
+    after = pid()
+    assert after != before and not pid_alive(before)
+
+
+def test_ctrl_c_interrupts_a_remote_call_and_the_kernel_survives(remote):
+    @isolated(keep_alive=30)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    @isolated(keep_alive=30)
+    def slow():
+        import time
+
+        time.sleep(30)
+
+    before = pid()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        slow()
+    assert time.monotonic() - started < 15
+    assert pid() == before
+
+
+def test_50_mib_array_round_trip(remote):
+    import numpy as np
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def double(a):
+        return a * 2
+
+    a = np.arange(50 * 2**20 // 8, dtype=np.float64)
+    b = double(a)
+    assert b.shape == a.shape and b[-1] == 2 * a[-1] and np.array_equal(b, a * 2)
+
+
+def test_nested_isolated_call_in_a_remote_kernel_is_a_clear_error(remote):
+    @isolated(keep_alive=30)
+    def inner():
+        return 1
+
+    @isolated(keep_alive=30)
+    def outer():
+        return inner()
+
+    with pytest.raises(Exception, match="cannot be called from inside a kernel on a remote server"):
+        outer()
+
+
+def test_wrong_or_missing_token_is_an_authentication_error(remote):
+    @isolated(keep_alive=30)
+    def one():
+        return 1
+
+    fal_magic.configure(token="not-the-token")
+    with pytest.raises(AuthenticationError, match="token is not the one configured"):
+        one()
+    fal_magic.configure(token="")
+    with pytest.raises(AuthenticationError, match="needs a token"):
+        one()
+    assert len(fal_magic.kernels()) == 0
+
+
+def test_bad_hosts_are_clear_errors():
+    with pytest.raises(FalMagicError, match="refusing plain http to gpu-box"):
+        isolated(host="http://gpu-box:8888")(lambda: 1)
+    with pytest.raises(FalMagicError, match="must be a Jupyter Server URL"):
+        isolated(host="gpu-box:8888")(lambda: 1)
+    fal_magic.configure(allow_plain_http=True)
+    isolated(host="http://gpu-box:8888")(lambda: 1)  # allowed explicitly; nothing is contacted yet
+
+    @isolated(host=f"http://127.0.0.1:{_free_port()}")
+    def nowhere():
+        return 1
+
+    with pytest.raises(KernelStartError, match="cannot reach the Jupyter Server"):
+        nowhere()
+
+
+def test_cell_magic_runs_on_the_server(remote, server):
+    from IPython.testing.globalipapp import get_ipython
+
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "fal_magic")
+    try:
+        fal_magic.configure(host="")
+        with capture_output() as out:
+            first = ip.run_cell(f"%%isolated --host {remote} --keep-alive 30 --requirements humanize==4.16.0\n"
+                                "import humanize, os\nprint(humanize.intcomma(2**20))\nkernel_pid = os.getpid()")
+            second = ip.run_cell(f"%%isolated --host {remote} --keep-alive 30 --requirements humanize==4.16.0 "
+                                 "--pull kernel_pid\nprint('still', humanize.intcomma(7000))")
+        assert first.success and second.success, (first.error_in_exec, second.error_in_exec)
+        assert out.stdout == "1,048,576\nstill 7,000\n"
+        assert _parent(ip.user_ns["kernel_pid"]) == server[1].pid
+        failed = ip.run_cell(f"%%isolated --host {remote}\n1 / 0")
+        assert isinstance(failed.error_in_exec, RemoteError) and "ZeroDivisionError" in str(failed.error_in_exec)
+    finally:
+        ip.run_line_magic("unload_ext", "fal_magic")
+
+
+def test_server_culls_the_kernels_of_a_host_that_was_killed(remote):
+    script = textwrap.dedent(f"""
+        import fal_magic
+        fal_magic.configure(host={remote!r}, token={TOKEN!r})
+
+        @fal_magic.isolated(keep_alive=600)
+        def pid():
+            import os
+            return os.getpid()
+
+        print(pid(), flush=True)
+        import time
+        time.sleep(600)
+    """)
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        kernel_pid = int(host.stdout.readline())
+        assert pid_alive(kernel_pid) and len(_api(remote, "/api/kernels")) == 1
+    finally:
+        host.kill()
+        host.wait()
+    assert wait_until(lambda: not _api(remote, "/api/kernels"), timeout=ORPHAN_TIMEOUT + 20)
+    assert wait_until(lambda: not pid_alive(kernel_pid), timeout=10)
+
+
+def test_failed_remote_build_is_an_environment_build_error_with_progress(remote, capsys):
+    from fal_magic import EnvironmentBuildError
+
+    @isolated(requirements=["fal-magic-no-such-package==1.0"])
+    def never():
+        return 1
+
+    with pytest.raises(EnvironmentBuildError, match="fal-magic-no-such-package") as info:
+        never()
+    assert remote in str(info.value)
+    assert f"{remote}: building environment" in capsys.readouterr().err  # progress streamed from the server
+    assert not _api(remote, "/api/kernels") and len(fal_magic.kernels()) == 0

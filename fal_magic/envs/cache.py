@@ -28,6 +28,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from ..errors import EnvironmentBuildError, FalMagicError
+from .bytecode import provide_bytecode
 from .installers import InstallFailed, pick_installer
 from .spec import EnvSpec
 
@@ -200,6 +201,10 @@ class EnvCache:
                 raise EnvironmentBuildError(self._install_message(spec, exc.output, installer.name)) from None
             progress(f"installed {len(spec.install_list)} requirements with {installer.name} "
                      f"in {time.perf_counter() - step:.2f}s")
+            step = time.perf_counter()
+            linked, compiled = provide_bytecode(path, self._donors(path))
+            progress(f"bytecode: {linked} files linked from other environments, {compiled} compiled, "
+                     f"in {time.perf_counter() - step:.2f}s")
             meta = {
                 "key": spec.key,
                 "requirements": list(spec.requirements),
@@ -216,6 +221,17 @@ class EnvCache:
             shutil.rmtree(path, ignore_errors=True)
             raise
         progress(f"environment {spec.key} ready in {time.perf_counter() - started:.2f}s")
+
+    def _donors(self, path: Path, limit: int = 3) -> list[Path]:
+        """Built environments to share bytecode with, most recently used first."""
+        built = []
+        for other in self.envs_dir.iterdir():
+            if other != path and (other / MARKER).exists():
+                try:
+                    built.append(((other / LAST_USED).stat().st_mtime, other))
+                except OSError:
+                    built.append((0.0, other))
+        return [p for _, p in sorted(built, reverse=True)[:limit]]
 
     @staticmethod
     def _create_venv(path: Path) -> None:

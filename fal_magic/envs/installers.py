@@ -50,7 +50,7 @@ def _run(cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | N
 
 
 class UvInstaller:
-    """``uv pip install`` with bytecode compiled at build time, so the first kernel start is not slowed."""
+    """``uv pip install``: files linked from uv's cache. Bytecode is the cache's business (see bytecode.py)."""
 
     name = "uv"
 
@@ -60,7 +60,7 @@ class UvInstaller:
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None:
         env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
         env.pop("VIRTUAL_ENV", None)
-        _run([self.binary, "pip", "install", "--python", str(python), "--compile-bytecode", *requirements],
+        _run([self.binary, "pip", "install", "--python", str(python), *requirements],
              on_line, env)
 
 

@@ -1,6 +1,7 @@
 """@isolated end to end: real virtualenvs, real installs, real kernels."""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import inspect
 import os
@@ -142,6 +143,38 @@ def test_numpy_array_round_trip():
     arr = np.arange(1_000_000, dtype=np.float64)
     out = double(arr)
     assert out.dtype == arr.dtype and (out == arr * 2).all()
+
+
+def test_large_arrays_cross_through_shared_memory_and_stay_private_to_each_side():
+    np = pytest.importorskip("numpy")
+    from fal_magic.kernel.runtime import SHM_MIN
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def keep(a):
+        import sys
+
+        sys.fal_kept = a  # the kernel holds on to its argument
+        return a
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def kept_ends():
+        import sys
+
+        return float(sys.fal_kept[0]), float(sys.fal_kept[-1])
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def double_in_place(a):
+        a *= 2
+        return a
+
+    arr = np.ones(2 * SHM_MIN // 8)
+    back = keep(arr)
+    back[0], back[-1] = 99, 7  # the host's result is its own memory, not the kernel's
+    assert kept_ends() == (1.0, 1.0)
+    doubled = double_in_place(arr)
+    assert doubled.flags.writeable and (doubled == 2).all() and (arr == 1).all()
+    left = [p for d in glob.glob(f"/dev/shm/fal_magic-{os.getpid()}-*") for p in os.listdir(d)]
+    assert left == []  # every shared-memory file was removed once mapped
 
 
 def test_wraps_keeps_name_doc_signature_and_func():

@@ -85,6 +85,7 @@ class KernelPool:
         self._culler: threading.Thread | None = None
         self._closed = False
         self._runtime_dir: Path | None = None
+        self._shm_dir: Path | None = None
 
     @property
     def config(self) -> FalMagic:
@@ -101,11 +102,15 @@ class KernelPool:
 
     def runtime_dir(self) -> Path:
         """This process's owner-only directory for connection files and IPC sockets (a short path,
-        as unix socket paths are limited), named by pid so that leftovers of killed hosts are found."""
+        as unix socket paths are limited), named by pid so that leftovers of killed hosts are found.
+        Its sibling in shared memory (``shm_dir``) is made at the same time."""
         with self._cond:
             if self._runtime_dir is None:
                 _remove_stale_runtime_dirs()
-                self._runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-"))
+                prefix = f"{RUNTIME_PREFIX}{os.getpid()}-"
+                self._runtime_dir = Path(tempfile.mkdtemp(prefix=prefix))
+                if os.path.isdir(SHM_ROOT) and os.access(SHM_ROOT, os.W_OK):
+                    self._shm_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=SHM_ROOT))
             return self._runtime_dir
 
     def _ensure_culler(self) -> None:
@@ -145,7 +150,7 @@ class KernelPool:
                 else:
                     if len(kernels) < max_kernels:
                         if url is None:
-                            kernel = WarmKernel(spec.key, spec.requirements, self.runtime_dir())
+                            kernel = WarmKernel(spec.key, spec.requirements, self.runtime_dir(), self._shm_dir)
                         else:
                             kernel = RemoteKernel(spec.key, spec.requirements,
                                                   ServerClient(url, self.config.resolved_token()))
@@ -322,9 +327,11 @@ class KernelPool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            runtime_dir, self._runtime_dir = self._runtime_dir, None
-        if runtime_dir is not None:
-            shutil.rmtree(runtime_dir, ignore_errors=True)
+            dirs = (self._runtime_dir, self._shm_dir)
+            self._runtime_dir = self._shm_dir = None
+        for path in dirs:
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
 
     def snapshot(self) -> list[KernelInfo]:
         """The live kernels as plain records, oldest first."""
@@ -339,11 +346,16 @@ class KernelPool:
 
 RUNTIME_PREFIX = "fal_magic-"
 
+#: Where large buffers cross between host and kernel (tmpfs); without it they go through sockets.
+SHM_ROOT = "/dev/shm"
+
 
 def _remove_stale_runtime_dirs() -> None:
-    """Delete runtime directories of ours whose process is gone (a host that was killed)."""
-    tmp = Path(tempfile.gettempdir())
-    for path in tmp.glob(f"{RUNTIME_PREFIX}*-*"):
+    """Delete runtime (and shared-memory) directories of ours whose process is gone (a killed host)."""
+    found = list(Path(tempfile.gettempdir()).glob(f"{RUNTIME_PREFIX}*-*"))
+    if os.path.isdir(SHM_ROOT):
+        found += Path(SHM_ROOT).glob(f"{RUNTIME_PREFIX}*-*")
+    for path in found:
         try:
             pid = int(path.name[len(RUNTIME_PREFIX):].split("-", 1)[0])
             if path.stat().st_uid != os.getuid() or pid == os.getpid():

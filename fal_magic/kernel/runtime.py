@@ -54,6 +54,54 @@ def loads(frames: list) -> Any:
     return cloudpickle.loads(head, buffers=[_writable(b) for b in rest])
 
 
+#: Buffers from this size on cross between host and kernel as files in a shared-memory directory
+#: (tmpfs) instead of through a socket: written once, mapped by the reader without a copy.
+SHM_MIN = 8 << 20
+SHM_ENV = "FAL_MAGIC_SHM"
+_shm_counter = iter(range(1 << 62))
+
+
+def shm_put(directory: str, prefix: str, buffer: Any) -> list:
+    """Write ``buffer`` to a new owner-only file in ``directory``; return ``[name, size]``."""
+    view = memoryview(buffer).cast("B")
+    name = f"{prefix}-{os.getpid()}-{next(_shm_counter)}"
+    fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        written = 0
+        while written < view.nbytes:
+            written += os.write(fd, view[written:written + (64 << 20)])
+    finally:
+        os.close(fd)
+    return [name, view.nbytes]
+
+
+def shm_map(directory: str, name: str, size: int) -> Any:
+    """Map a file written by ``shm_put`` (shared, writable: arrays built on it can change in place)."""
+    import mmap
+
+    fd = os.open(os.path.join(directory, name), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+
+
+def shm_locate(buffer: Any, segments: dict) -> "tuple[str, int] | None":
+    """``(name, offset)`` if ``buffer`` lies inside one of the mapped ``segments`` (by name), else None:
+    a result that is (a view of) an argument goes back as a reference instead of a copy."""
+    import ctypes
+
+    view = memoryview(buffer)
+    if view.readonly or not view.contiguous or view.nbytes == 0:
+        return None
+    start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    for name, mm in segments.items():
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        if base <= start and start + view.nbytes <= base + len(mm):
+            return name, start - base
+    return None
+
+
 def type_name(obj_or_type: Any) -> str:
     """``module.Qualname`` of a type (or of an object's type); builtins without the module."""
     cls = obj_or_type if isinstance(obj_or_type, type) else type(obj_or_type)
@@ -270,6 +318,7 @@ class Runtime:
         self.shell = shell
         self.fast: _FastChannel | None = None
         self._parts: dict[int, bytearray] = {}
+        self.shm_dir = os.environ.get(SHM_ENV, "")
 
     def open(self, comm: Any, msg: dict) -> None:
         """A host connected: tell it who we are so it can check versions before any pickle crosses."""
@@ -349,15 +398,62 @@ class Runtime:
         for target in (sys.stdout, sys.stderr, self.shell.display_pub):
             if hasattr(target, "set_parent"):
                 target.set_parent(parent)
+        segments = {}
+        frames = list(frames)
+        for index, (name, size) in header.get("shm", {}).items():
+            segments[name] = shm_map(self.shm_dir, name, size)
+            frames[int(index)] = memoryview(segments[name])
         # ipykernel ignores SIGINT between requests; during a call it must raise KeyboardInterrupt
         saved = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             reply, out = self.run({"op": "call", "id": header["id"]}, frames)
         finally:
             signal.signal(signal.SIGINT, saved)
+        del frames
+        if self.shm_dir:  # (without it, no segments either)
+            reply["shm"] = self._result_to_shm(out, segments)
         kernel.session.send(kernel.iopub_socket, "status", {"execution_state": "idle"}, parent=parent,
                             ident=b"status")
         sock.send_multipart([json.dumps(reply).encode(), *out], copy=False)
+
+    def _result_to_shm(self, out: list, segments: dict) -> dict:
+        """Move the result's large buffers to shared memory (the frames are emptied; the map returned
+        says where each went). A buffer that lies in an argument's segment goes back as a reference
+        to it, but only if nothing here holds on to that segment any more; otherwise host and kernel
+        would share live memory, so it is copied to a new file like any other buffer."""
+        placed: dict[int, list] = {}
+        refs: dict[int, tuple] = {}
+        for index in range(1, len(out)):
+            if memoryview(out[index]).nbytes < SHM_MIN:
+                continue
+            found = shm_locate(out[index], segments)
+            if found is not None:
+                refs[index] = (found[0], found[1], memoryview(out[index]).nbytes)
+            else:
+                name, size = shm_put(self.shm_dir, "k", out[index])
+                placed[index] = ["new", name, 0, size]
+            out[index] = b""
+        closed = self._close(segments)
+        for index, (name, offset, size) in refs.items():
+            if name in closed:
+                placed[index] = ["ref", name, offset, size]
+            else:
+                copy, _ = shm_put(self.shm_dir, "k", memoryview(segments[name])[offset:offset + size])
+                placed[index] = ["new", copy, 0, size]
+        return placed
+
+    @staticmethod
+    def _close(segments: dict) -> set:
+        """Unmap the arguments' segments; return the names that nothing in the kernel uses any more
+        (the others stay mapped while the function's objects hold them)."""
+        closed = set()
+        for name, mm in segments.items():
+            try:
+                mm.close()
+                closed.add(name)
+            except BufferError:
+                pass
+        return closed
 
     def op_call(self, data: dict, buffers: list) -> Any:
         """Run a pickled ``(function, args, kwargs)``."""

@@ -68,9 +68,11 @@ class WarmKernel(KernelBase):
     """One kernel process on this machine and its client. Not thread-safe: the pool leases it to one
     caller at a time."""
 
-    def __init__(self, key: str, requirements: tuple[str, ...], runtime_dir: Path) -> None:
+    def __init__(self, key: str, requirements: tuple[str, ...], runtime_dir: Path,
+                 shm_dir: Path | None = None) -> None:
         super().__init__(key, requirements)
         self.runtime_dir = runtime_dir
+        self.shm_dir = shm_dir
         self.log_path = runtime_dir / f"kernel-{self.id}.log"
         self.broker: Any = None
         self.fast: Any = None
@@ -102,6 +104,7 @@ class WarmKernel(KernelBase):
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),
             FAL_MAGIC_BROKER=broker_address,
             FAL_MAGIC_FAST=fast_address,
+            **({runtime.SHM_ENV: str(self.shm_dir)} if self.shm_dir is not None else {}),
             PYDEVD_DISABLE_FILE_VALIDATION="1",
         )
         log = open(self.log_path, "ab", buffering=0)
@@ -264,6 +267,9 @@ class WarmKernel(KernelBase):
             if sock is not None:
                 sock.close()
         self.broker = self.fast = None
+        if self.shm_dir is not None and self.pid is not None:  # results a dead kernel never handed over
+            for path in self.shm_dir.glob(f"k-{self.pid}-*"):
+                path.unlink(missing_ok=True)
         for path in (self.log_path, self.runtime_dir / f"kernel-{self.id}-broker",
                      self.runtime_dir / f"kernel-{self.id}-fast"):
             try:
@@ -283,16 +289,44 @@ class WarmKernel(KernelBase):
         if op == "call":
             self.calls += 1
             if self.fast is not None:
-                msg_id = uuid.uuid4().hex
-                header = json.dumps({"msg_id": msg_id, "id": msg_counter(),
-                                     "session": self.kc.session.session}).encode()
-                self.fast.send_multipart([runtime.sign(self.kc.session.key, header), header, *frames], copy=False)
-                return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=False, nested=nested,
-                                   fast=True)
+                return self._call_fast(frames, sink, interrupt_grace, nested)
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
                                                "data": {"op": op, "id": msg_counter(), **fields}})
         self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
         return self._serve(msg["header"]["msg_id"], sink, interrupt_grace, expect_shell_reply=False, nested=nested)
+
+    def _call_fast(self, frames: list, sink: OutputSink, grace: float, nested: NestedHandler | None) -> Reply:
+        """A call on the runtime's fast channel; large buffers go through shared memory both ways."""
+        frames = list(frames)
+        sent: dict[int, list] = {}
+        directory = str(self.shm_dir) if self.shm_dir is not None else ""
+        try:
+            if directory:
+                for index in range(1, len(frames)):
+                    if memoryview(frames[index]).nbytes >= runtime.SHM_MIN:
+                        sent[index] = runtime.shm_put(directory, "h", frames[index])
+                        frames[index] = b""
+            msg_id = uuid.uuid4().hex
+            header = json.dumps({"msg_id": msg_id, "id": msg_counter(), "session": self.kc.session.session,
+                                 "shm": sent}).encode()
+            self.fast.send_multipart([runtime.sign(self.kc.session.key, header), header, *frames], copy=False)
+            reply = self._serve(msg_id, sink, grace, expect_shell_reply=False, nested=nested, fast=True)
+            placed = reply.content.pop("shm", None) or {}
+            if placed:
+                reply.buffers = list(reply.buffers)
+                sizes = {name: size for name, size in sent.values()}
+                for index, (kind, name, offset, size) in placed.items():
+                    mm = runtime.shm_map(directory, name, sizes[name] if kind == "ref" else size)
+                    if kind == "new":
+                        os.unlink(os.path.join(directory, name))  # mapped: the memory lives while it is used
+                    reply.buffers[int(index)] = memoryview(mm)[offset:offset + size]
+            return reply
+        finally:
+            for name, _ in sent.values():
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
 
     def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
         """Run cell source in the kernel's namespace; return the execute_reply content."""

@@ -186,9 +186,10 @@ class KernelPool:
         return kernel
 
     def release(self, kernel: KernelBase, keep_alive: float) -> None:
-        """Give a leased kernel back; it stays warm until the latest deadline any call promised it."""
+        """Give a leased kernel back; it stays warm until the latest deadline any call promised it.
+        (A death during the call marked it dead; one after it is found by the next ``acquire``.)"""
         with self._cond:
-            if kernel.state == "dead" or not kernel.alive():
+            if kernel.state == "dead":
                 self._forget(kernel)
                 shutdown = True
             else:

@@ -383,6 +383,10 @@ class Runtime:
             frames = dumps(describe_exception(exc))
         finally:
             for stream in (sys.stdout, sys.stderr):
+                # ipykernel's streams keep what was written in ``_buffers``; when that is empty a
+                # flush would only wait for a round trip through its IO thread
+                if not getattr(stream, "_buffers", True):
+                    continue
                 try:
                     stream.flush()
                 except Exception:

@@ -334,6 +334,24 @@ class WarmKernel(KernelBase):
         msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=False)
         return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
 
+    def _recv_iopub(self) -> dict | None:
+        """The next iopub message, if it is signed with the session key, parsed without the date
+        conversion of ``Session.deserialize`` (every call ends with an iopub message: a hot path)."""
+        try:
+            frames = self.kc.iopub_channel.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        session = self.kc.session
+        _, parts = session.feed_identities(frames, copy=False)
+        if len(parts) < 5:
+            return None
+        head = [part.bytes for part in parts[1:5]]
+        if session.auth is not None and not hmac.compare_digest(session.sign(head), parts[0].bytes):
+            return None  # not signed with our key: dropped, as Session.deserialize would refuse it
+        header, parent, _, content = (json.loads(b) for b in head)
+        return {"header": header, "parent_header": parent, "msg_type": header.get("msg_type"),
+                "content": content, "buffers": parts[5:]}
+
     def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool,
                nested: NestedHandler | None = None, fast: bool = False) -> Reply:
         """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel.
@@ -364,9 +382,9 @@ class WarmKernel(KernelBase):
                         result = Reply(json.loads(head.bytes), buffers)
                         if idle:
                             break
-                    m = iopub.get_msg(timeout=0) if iopub.socket in ready else None
+                    m = self._recv_iopub() if iopub.socket in ready else None
                     now = time.monotonic()
-                    if m is None or now - last_check >= LIVENESS_PERIOD:
+                    if not ready or now - last_check >= LIVENESS_PERIOD:
                         last_check = now
                         try:
                             self._check_alive("during the call")

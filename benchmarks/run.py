@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def rss_of(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def start_server(home: Path) -> tuple[str, "subprocess.Popen"]:
+def start_server(home: Path) -> tuple[str, Any]:
     """A jupyter_server with the fal_magic extension on a free loopback port (its URL and process)."""
     import socket
     import subprocess

@@ -79,4 +79,3 @@ class CallerOutput:
         if text is not None:
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
-

@@ -3,6 +3,8 @@ suite-level check that no kernel outlives the tests."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +51,33 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def assert_ctrl_c_interrupts_and_the_kernel_survives(within: float) -> None:
+    """Ctrl-C one second into a 30 s isolated call (on the configured host) raises KeyboardInterrupt
+    within ``within`` seconds, and the same kernel process serves the next call."""
+    from fal_magic import isolated
+
+    @isolated(keep_alive=30)
+    def pid():
+        import os
+
+        return os.getpid()
+
+    @isolated(keep_alive=30)
+    def slow():
+        import time
+
+        time.sleep(30)
+
+    before = pid()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        slow()
+    assert time.monotonic() - started < within
+    assert pid() == before
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,6 @@ def test_segfault_mid_call_reports_the_signal_and_the_crashing_frame():
 def test_memory_blowup_under_rlimit_as_is_a_memory_error_and_the_kernel_survives():
     @isolated(keep_alive=60)
     def blow_up():
-        import os
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, resource.RLIM_INFINITY))

@@ -5,7 +5,6 @@ import glob
 import importlib.util
 import inspect
 import os
-import signal
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from fal_magic import (
 )
 from fal_magic.kernel import get_pool
 
-from .conftest import pid_alive, wait_until
+from .conftest import assert_ctrl_c_interrupts_and_the_kernel_survives, pid_alive
 
 SCALE = 7  # a module-level global that functions below use
 
@@ -436,26 +435,7 @@ def test_kernel_death_raises_and_the_next_call_gets_a_fresh_kernel():
 
 
 def test_ctrl_c_interrupts_the_remote_call_and_the_kernel_survives():
-    @isolated(keep_alive=30)
-    def pid():
-        import os
-
-        return os.getpid()
-
-    @isolated(keep_alive=30)
-    def slow():
-        import time
-
-        time.sleep(30)
-
-    before = pid()
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        slow()
-    assert time.monotonic() - started < 10
-    assert pid() == before
+    assert_ctrl_c_interrupts_and_the_kernel_survives(within=10)
 
 
 def test_threads_share_a_key_safely():

@@ -10,8 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from fal_magic import AuthenticationError, FalMagicError, KernelDiedError, Kerne
 from fal_magic.kernel import get_pool
 from fal_magic.kernel.remote import pack_v1, unpack_v1
 
-from .conftest import pid_alive, wait_until
+from .conftest import assert_ctrl_c_interrupts_and_the_kernel_survives, pid_alive, wait_until
 
 TOKEN = "fal-magic-test-token"
 ORPHAN_TIMEOUT = 3
@@ -183,26 +181,7 @@ def test_remote_kernel_death_is_reported_and_the_next_call_gets_a_new_kernel(rem
 
 
 def test_ctrl_c_interrupts_a_remote_call_and_the_kernel_survives(remote):
-    @isolated(keep_alive=30)
-    def pid():
-        import os
-
-        return os.getpid()
-
-    @isolated(keep_alive=30)
-    def slow():
-        import time
-
-        time.sleep(30)
-
-    before = pid()
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        slow()
-    assert time.monotonic() - started < 15
-    assert pid() == before
+    assert_ctrl_c_interrupts_and_the_kernel_survives(within=15)  # the interrupt goes through the REST API
 
 
 def test_50_mib_array_round_trip(remote):

@@ -297,7 +297,8 @@ class EnvCache:
                 fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 lock.drop()
-                raise FalMagicError(f"environment {key} is in use by another process (a live kernel or a build)") from None
+                raise FalMagicError(f"environment {key} is in use by another process (a live kernel or a build)") \
+                    from None
             try:
                 # the marker goes first, so an interrupted removal never leaves a "built" half
                 (path / MARKER).unlink(missing_ok=True)

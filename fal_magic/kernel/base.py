@@ -109,6 +109,29 @@ class KernelBase:
         self.kill_reason: str | None = None
         self.comm_id = uuid.uuid4().hex
 
+    def shutdown(self, now: bool = False) -> None:
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        raise NotImplementedError
+
+    def _ctrl_c(self, interrupted_at: float | None) -> float:
+        """Ctrl-C while waiting: the first interrupts the kernel (returns when); a second one stops
+        waiting at once and shuts the kernel down."""
+        if interrupted_at is not None:
+            self.shutdown(now=True)
+            raise KeyboardInterrupt
+        self.interrupt()
+        return time.monotonic()
+
+    def _check_grace(self, interrupted_at: float | None, grace: float) -> None:
+        """An interrupted request that has not stopped within ``grace`` seconds costs its kernel."""
+        if interrupted_at is not None and time.monotonic() - interrupted_at > grace:
+            self.shutdown(now=True)
+            raise KernelDiedError(
+                f"the interrupted call did not stop within {grace:g}s; its kernel was shut down "
+                "(the next call starts a fresh one)") from KeyboardInterrupt()
+
     @property
     def slot(self) -> str:
         """The pool's name for this kernel's group: the key, and the host for a remote one."""

@@ -401,11 +401,7 @@ class RemoteKernel(KernelBase):
                         channel = m = None
                     if channel == _DEATH:
                         raise self._died(m, "during the call", begun)
-                    if interrupted_at is not None and time.monotonic() - interrupted_at > grace:
-                        self.shutdown(now=True)
-                        raise KernelDiedError(
-                            f"the interrupted call did not stop within {grace:g}s; its kernel was shut down "
-                            "(the next call starts a fresh one)") from KeyboardInterrupt()
+                    self._check_grace(interrupted_at, grace)
                     if m is None or m["parent_header"].get("msg_id") != msg_id:
                         continue
                     begun = True
@@ -422,11 +418,7 @@ class RemoteKernel(KernelBase):
                     if idle and (shell_reply is not None or not expect_shell_reply):
                         break
                 except KeyboardInterrupt:
-                    if interrupted_at is not None:  # a second Ctrl-C: stop waiting at once
-                        self.shutdown(now=True)
-                        raise
-                    interrupted_at = time.monotonic()
-                    self.interrupt()
+                    interrupted_at = self._ctrl_c(interrupted_at)
             if expect_shell_reply:
                 result = Reply(shell_reply["content"])
             if result is None:

@@ -392,11 +392,7 @@ class WarmKernel(KernelBase):
                             if begun:
                                 raise
                             raise NotStarted(str(exc), exit_code=exc.exit_code, stderr_tail=exc.stderr_tail) from None
-                        if interrupted_at is not None and now - interrupted_at > grace:
-                            self.shutdown(now=True)
-                            raise KernelDiedError(
-                                f"the interrupted call did not stop within {grace:g}s; its kernel was shut down "
-                                "(the next call starts a fresh one)") from KeyboardInterrupt()
+                        self._check_grace(interrupted_at, grace)
                     if m is None or m["parent_header"].get("msg_id") != msg_id:
                         continue
                     begun = True
@@ -411,11 +407,7 @@ class WarmKernel(KernelBase):
                         if result is not None or not fast:
                             break
                 except KeyboardInterrupt:
-                    if interrupted_at is not None:  # a second Ctrl-C: stop waiting at once
-                        self.shutdown(now=True)
-                        raise
-                    interrupted_at = time.monotonic()
-                    self.interrupt()
+                    interrupted_at = self._ctrl_c(interrupted_at)
             if expect_shell_reply:
                 result = Reply(self._shell_reply(msg_id, 10.0)["content"])
             if result is None:

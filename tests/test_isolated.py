@@ -176,6 +176,38 @@ def test_large_arrays_cross_through_shared_memory_and_stay_private_to_each_side(
     assert left == []  # every shared-memory file was removed once mapped
 
 
+def test_large_arrays_still_cross_when_shared_memory_cannot_be_written():
+    np = pytest.importorskip("numpy")
+    import resource
+    import signal
+
+    from fal_magic.kernel.runtime import SHM_MIN
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def limit_file_size(limit):
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too large write then fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def plus_one(a):
+        return a + 1
+
+    arr = np.arange(2 * SHM_MIN // 8, dtype=np.float64)
+    limit_file_size(2**20)  # as if the kernel's /dev/shm were full
+    saved_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))  # and the host's
+    try:
+        out = plus_one(arr)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, saved_handler)
+    assert np.array_equal(out, arr + 1)
+
+
 def test_wraps_keeps_name_doc_signature_and_func():
     def area(width: float, height: float = 1.0) -> float:
         """Area of a rectangle."""

@@ -61,17 +61,26 @@ SHM_ENV = "FAL_MAGIC_SHM"
 _shm_counter = iter(range(1 << 62))
 
 
-def shm_put(directory: str, prefix: str, buffer: Any) -> list:
-    """Write ``buffer`` to a new owner-only file in ``directory``; return ``[name, size]``."""
+def shm_put(directory: str, prefix: str, buffer: Any) -> "list | None":
+    """Write ``buffer`` to a new owner-only file in ``directory``; return ``[name, size]``, or None
+    when shared memory is full (a container's /dev/shm is often 64 MB): the buffer then goes inline."""
     view = memoryview(buffer).cast("B")
     name = f"{prefix}-{os.getpid()}-{next(_shm_counter)}"
-    fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    path = os.path.join(directory, name)
     try:
-        written = 0
-        while written < view.nbytes:
-            written += os.write(fd, view[written:written + (64 << 20)])
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            written = 0
+            while written < view.nbytes:
+                written += os.write(fd, view[written:written + (64 << 20)])
+        finally:
+            os.close(fd)
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
     return [name, view.nbytes]
 
 
@@ -433,17 +442,22 @@ class Runtime:
             found = shm_locate(out[index], segments)
             if found is not None:
                 refs[index] = (found[0], found[1], memoryview(out[index]).nbytes)
+                out[index] = b""
             else:
-                name, size = shm_put(self.shm_dir, "k", out[index])
-                placed[index] = ["new", name, 0, size]
-            out[index] = b""
+                written = shm_put(self.shm_dir, "k", out[index])
+                if written is not None:  # else it stays an inline frame
+                    placed[index] = ["new", written[0], 0, written[1]]
+                    out[index] = b""
         closed = self._close(segments)
         for index, (name, offset, size) in refs.items():
             if name in closed:
                 placed[index] = ["ref", name, offset, size]
+                continue
+            written = shm_put(self.shm_dir, "k", memoryview(segments[name])[offset:offset + size])
+            if written is not None:
+                placed[index] = ["new", written[0], 0, size]
             else:
-                copy, _ = shm_put(self.shm_dir, "k", memoryview(segments[name])[offset:offset + size])
-                placed[index] = ["new", copy, 0, size]
+                out[index] = bytes(memoryview(segments[name])[offset:offset + size])
         return placed
 
     @staticmethod

@@ -304,8 +304,10 @@ class WarmKernel(KernelBase):
             if directory:
                 for index in range(1, len(frames)):
                     if memoryview(frames[index]).nbytes >= runtime.SHM_MIN:
-                        sent[index] = runtime.shm_put(directory, "h", frames[index])
-                        frames[index] = b""
+                        written = runtime.shm_put(directory, "h", frames[index])
+                        if written is not None:  # else shared memory is full: the frame goes inline
+                            sent[index] = written
+                            frames[index] = b""
             msg_id = uuid.uuid4().hex
             header = json.dumps({"msg_id": msg_id, "id": msg_counter(), "session": self.kc.session.session,
                                  "shm": sent}).encode()

@@ -185,11 +185,6 @@ class ServerClient:
     def interrupt_kernel(self, kernel_id: str) -> None:
         self.request("POST", f"/api/kernels/{kernel_id}/interrupt").close()
 
-    def kernels(self) -> list[dict]:
-        """The server's kernel models (``GET /api/kernels``)."""
-        with self.request("GET", "/api/kernels") as resp:
-            return json.load(resp)
-
     def connect(self, kernel_id: str, timeout: float) -> websocket.WebSocket:
         """The kernel's channels websocket, in the v1 framing (jupyter_server 2 or newer)."""
         url = self.url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import os
 import random
 import signal
@@ -210,10 +211,12 @@ def test_no_stray_runtime_files_after_the_host_is_killed(fal_home):
         proc.kill()
         proc.wait()
     assert Path(runtime_dir).exists() and Path(runtime_dir).parent == Path(tempfile.gettempdir())
+    shm_dirs = glob.glob(f"/dev/shm/fal_magic-{proc.pid}-*")  # its shared-memory sibling
+    assert shm_dirs or not os.path.isdir("/dev/shm")
     # the next process removes what the killed one left, and works
     out = subprocess.run([sys.executable, "-c", script], input="", capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert not Path(runtime_dir).exists()
+    assert not Path(runtime_dir).exists() and not any(Path(d).exists() for d in shm_dirs)
 
 
 def test_notebook_kernel_restart_and_shutdown_stop_isolated_kernels(fal_home):

@@ -30,15 +30,16 @@ def _ago(ts: float) -> str:
     return f"{s / 86400:.0f}d ago"
 
 
-def demo(keep_alive: float = 3.0) -> int:
-    """A cold call, warm calls, then the idle culler at work, with the times of each."""
+def demo(keep_alive: float = 3.0, host: str | None = None) -> int:
+    """A cold call, warm calls, then the idle culler at work, with the times of each (on ``host``,
+    a Jupyter Server with the fal_magic extension, if given; its token from $FAL_MAGIC_TOKEN)."""
     from . import isolated
     from .envs import make_spec
     from .kernel import get_pool
 
     requirements = ["humanize==4.16.0"]
 
-    @isolated(keep_alive=keep_alive, requirements=requirements)
+    @isolated(keep_alive=keep_alive, requirements=requirements, host=host)
     def describe(n):
         import os
 
@@ -47,13 +48,14 @@ def demo(keep_alive: float = 3.0) -> int:
         return os.getpid(), humanize.intword(n)
 
     cache = EnvCache(settings().home_path())
-    built = (cache.path_for(make_spec(requirements).key) / "fal_magic-env.json").exists()
-    print(f"fal_magic demo: cache {cache.home}; requirements {requirements}; keep_alive={keep_alive:g}s\n")
+    built = host is None and (cache.path_for(make_spec(requirements).key) / "fal_magic-env.json").exists()
+    where = f"server {host}" if host else f"cache {cache.home}"
+    print(f"fal_magic demo: {where}; requirements {requirements}; keep_alive={keep_alive:g}s\n")
 
     t = time.perf_counter()
     pid, text = describe(12_345_678)
     cold = time.perf_counter() - t
-    kind = "cached env, new kernel" if built else "new env + new kernel"
+    kind = "cached env, new kernel" if built else ("env on the server, new kernel" if host else "new env + new kernel")
     print(f"cold call ({kind}): {cold * 1000:8.1f} ms  -> {text!r} from kernel pid {pid}")
     warm = []
     for n in (10**6, 10**9, 10**12):
@@ -120,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="show a cold call, warm calls and the idle culler")
     p_demo.add_argument("--keep-alive", type=float, default=3.0, help="seconds (default 3)")
+    p_demo.add_argument("--host", default=None, metavar="URL",
+                        help="run on a Jupyter Server with the fal_magic extension (token: $FAL_MAGIC_TOKEN)")
     p_envs = sub.add_parser("envs", help="inspect or prune the environment cache")
     envs_sub = p_envs.add_subparsers(dest="action", required=True)
     envs_sub.add_parser("list", help="list cached environments")
@@ -130,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="remove environments unused for this many days (default 30)")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(args.keep_alive)
+        try:
+            return demo(args.keep_alive, args.host)
+        except FalMagicError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return envs_command(args)
 
 

@@ -297,3 +297,16 @@ def test_failed_remote_build_is_an_environment_build_error_with_progress(remote,
     assert remote in str(info.value)
     assert f"{remote}: building environment" in capsys.readouterr().err  # progress streamed from the server
     assert not _api(remote, "/api/kernels") and len(fal_magic.kernels()) == 0
+
+
+def test_demo_runs_on_the_server(remote):
+    env = {**os.environ, "FAL_MAGIC_TOKEN": TOKEN}
+    out = subprocess.run([sys.executable, "-m", "fal_magic", "demo", "--keep-alive", "1", "--host", remote],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"server {remote}" in out.stdout and out.stdout.count("warm call:") == 3
+    assert "live kernels now: 0" in out.stdout
+    env["FAL_MAGIC_TOKEN"] = "wrong"
+    out = subprocess.run([sys.executable, "-m", "fal_magic", "demo", "--host", remote],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and "error: the Jupyter Server" in out.stderr and "Traceback" not in out.stderr

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from .kernel import KernelInfo, KernelPool, get_pool
 
 COLUMNS = ("key", "requirements", "pid", "state", "calls", "last used", "culled in", "memory")
-_WIDTHS = ("90px", "190px", "70px", "70px", "50px", "80px", "80px", "80px")
+_WIDTHS = ("90px", "190px", "150px", "70px", "50px", "80px", "80px", "80px")
 
 
 def _memory(n: int | None) -> str:

@@ -100,30 +100,40 @@ def test_unwritable_cache_is_a_clear_error(tmp_path):
         EnvCache(locked / "home").get(make_spec([]))
 
 
-def test_a_new_env_links_the_bytecode_of_files_it_shares_and_compiles_the_rest(tmp_path):
+def test_a_new_env_links_the_bytecode_its_kernel_needs_from_an_env_already_used(tmp_path):
     import os
     import struct
 
+    from fal_magic import configure
     from fal_magic.envs.bytecode import site_packages
 
-    cache = EnvCache(tmp_path)
-    first = cache.get(make_spec([]))
-    second = cache.get(make_spec(["text-unidecode==1.3"]))
+    configure(home=str(tmp_path))  # a cache of this test's own
+
+    @isolated(keep_alive=0)
+    def first():
+        return 1
+
+    @isolated(keep_alive=0, requirements=["text-unidecode==1.3"])
+    def second():
+        import text_unidecode
+
+        return text_unidecode.unidecode("ça")
+
+    assert first() == 1  # its kernel compiles what it imports, and keeps it
+    assert second() == "ca"
     tag = sys.implementation.cache_tag
 
-    def pyc(env, module_file):
-        src = site_packages(env.path) / module_file
+    def pyc(func, module_file):
+        src = site_packages(tmp_path / "envs" / func.spec.key) / module_file
         return src, src.parent / "__pycache__" / f"{src.stem}.{tag}.pyc"
 
-    src, shared = pyc(second, "ipykernel/kernelbase.py")
-    _, donor = pyc(first, "ipykernel/kernelbase.py")
-    if not os.path.samestat(src.stat(), pyc(first, "ipykernel/kernelbase.py")[0].stat()):
+    src, linked = pyc(second, "ipykernel/kernelbase.py")
+    donor_src, donor = pyc(first, "ipykernel/kernelbase.py")
+    if not os.path.samestat(src.stat(), donor_src.stat()):
         pytest.skip("uv copied the files instead of linking them (its cache is on another filesystem)")
-    assert os.path.samestat(shared.stat(), donor.stat())  # so the bytecode is linked, not compiled again
-    own_src, own = pyc(second, "text_unidecode/__init__.py")
-    for source, compiled in ((src, shared), (own_src, own)):
+    assert os.path.samestat(linked.stat(), donor.stat())  # linked at build, not compiled again
+    own_src, own = pyc(second, "text_unidecode/__init__.py")  # not in the first env: compiled on import
+    for source, compiled in ((src, linked), (own_src, own)):
         magic, flags, mtime, size = struct.unpack("<4sLLL", compiled.read_bytes()[:16])
         st = source.stat()
         assert flags == 0 and mtime == int(st.st_mtime) & 0xFFFFFFFF and size == st.st_size  # valid for Python
-    for env in (first, second):
-        cache.release(env.key)

@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from ..errors import EnvironmentBuildError, FalMagicError
-from .bytecode import provide_bytecode
+from .bytecode import link_bytecode
 from .installers import InstallFailed, pick_installer
 from .spec import EnvSpec
 
@@ -202,8 +202,8 @@ class EnvCache:
             progress(f"installed {len(spec.install_list)} requirements with {installer.name} "
                      f"in {time.perf_counter() - step:.2f}s")
             step = time.perf_counter()
-            linked, compiled = provide_bytecode(path, self._donors(path))
-            progress(f"bytecode: {linked} files linked from other environments, {compiled} compiled, "
+            linked = link_bytecode(path, self._donors(path))
+            progress(f"linked the bytecode of {linked} files from other environments "
                      f"in {time.perf_counter() - step:.2f}s")
             meta = {
                 "key": spec.key,

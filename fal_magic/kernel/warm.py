@@ -106,6 +106,7 @@ class WarmKernel(KernelBase):
             FAL_MAGIC_FAST=fast_address,
             **({runtime.SHM_ENV: str(self.shm_dir)} if self.shm_dir is not None else {}),
             PYDEVD_DISABLE_FILE_VALIDATION="1",
+            PYTHONDONTWRITEBYTECODE="",  # the env is fal_magic's: modules compiled on import are kept
         )
         log = open(self.log_path, "ab", buffering=0)
         try:

@@ -75,7 +75,7 @@ class FalMagicServer(LoggingConfigurable):
             "language": "python",
             "interrupt_mode": "signal",
             "env": {"VIRTUAL_ENV": str(env.path), "PATH": f"{env.path / 'bin'}{os.pathsep}${{PATH}}",
-                    REMOTE_ENV: "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+                    REMOTE_ENV: "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1", "PYTHONDONTWRITEBYTECODE": ""},
             "metadata": {**self.kernelspec_metadata,
                          "fal_magic": {"key": spec.key, "requirements": list(spec.requirements)}},
         }

@@ -159,7 +159,7 @@ def main() -> None:
     t = time.perf_counter()
     isolated(keep_alive=0)(noop)()
     row("fal_magic first call, first env of an empty cache", ms(time.perf_counter() - t),
-        "warm uv cache; compiles all bytecode")
+        "warm uv cache; its kernel compiles what it imports")
     get_pool().shutdown()
     small = isolated(keep_alive=0, requirements=["text-unidecode==1.3"])(noop)
     t = time.perf_counter()

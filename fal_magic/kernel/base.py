@@ -3,6 +3,7 @@ a request's output messages into the caller, and the fields the pool and the ker
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 import uuid
@@ -89,6 +90,11 @@ def is_hello(m: dict) -> bool:
     return m["msg_type"] == "comm_msg" and m["content"]["data"].get("op") == "hello"
 
 
+def slot_name(key: str, host: str | None) -> str:
+    """The pool's name for a group of kernels: the key, and the host for remote ones."""
+    return key if host is None else f"{key}@{host}"
+
+
 class KernelBase:
     """The bookkeeping every kernel has; the pool and the kernel list read these fields."""
 
@@ -134,8 +140,15 @@ class KernelBase:
 
     @property
     def slot(self) -> str:
-        """The pool's name for this kernel's group: the key, and the host for a remote one."""
-        return self.key if self.host is None else f"{self.key}@{self.host}"
+        return slot_name(self.key, self.host)
+
+
+def kernel_env(env_path: Path, path: str) -> dict[str, str]:
+    """The variables a kernel on the environment at ``env_path`` runs with (``path``: the PATH to
+    put its ``bin`` in front of). Bytecode writing is on: the env is fal_magic's, and the modules a
+    kernel compiles on import are kept for later kernels and environments (see envs/bytecode.py)."""
+    return {"VIRTUAL_ENV": str(env_path), "PATH": f"{env_path / 'bin'}{os.pathsep}{path}",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1", "PYTHONDONTWRITEBYTECODE": ""}
 
 
 def kernel_argv(python: str) -> list[str]:

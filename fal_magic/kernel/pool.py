@@ -24,7 +24,7 @@ from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, make_spec
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
-from .base import KernelBase, NestedHandler, NotStarted, Reply
+from .base import KernelBase, NestedHandler, NotStarted, Reply, slot_name
 from .remote import RemoteKernel, ServerClient, check_url
 from .warm import WarmKernel
 from .wire import describe_exception, dump_call, dumps, loads
@@ -132,7 +132,7 @@ class KernelPool:
         if max_kernels < 1:
             raise FalMagicError(f"max_kernels must be at least 1, not {max_kernels}")
         url = self.host_url(host)
-        key = spec.key if url is None else f"{spec.key}@{url}"
+        key = slot_name(spec.key, url)
         with self._cond:
             if self._closed:
                 raise FalMagicError("fal_magic is shutting down")

@@ -83,13 +83,19 @@ def unpack_v1(data: bytes) -> tuple[str, list[memoryview]]:
 
 
 class _BinaryFrame(websocket.ABNF):
-    """A client's binary websocket frame, masked (RFC 6455, random key) with NumPy when it is there:
-    websocket-client masks in pure Python, which costs ~0.7 s for 50 MiB here."""
+    """A client's binary websocket frame, masked (RFC 6455, random key) with NumPy when it is large
+    and NumPy is there: websocket-client masks in pure Python, which costs ~0.7 s for 50 MiB here.
+    Small frames (every warm call's) keep the pure-Python mask and import nothing."""
+
+    #: From this size on the NumPy mask is used.
+    NUMPY_MIN = 1 << 16
 
     def __init__(self, data: bytes) -> None:
         super().__init__(1, 0, 0, 0, websocket.ABNF.OPCODE_BINARY, 1, data)
 
     def _get_masked(self, mask_key: bytes) -> Any:
+        if len(self.data) < self.NUMPY_MIN:
+            return super()._get_masked(mask_key)
         try:
             import numpy as np
         except ImportError:
@@ -238,9 +244,7 @@ class RemoteKernel(KernelBase):
             self.ws = self.server.connect(self.remote_id, timeout)
             threading.Thread(target=self._read, args=(self.ws,), name=f"fal_magic-ws-{self.id}",
                              daemon=True).start()
-            msg_id = self._send("shell", self.session.msg("execute_request", {
-                "code": BOOTSTRAP, "silent": True, "store_history": False, "user_expressions": {},
-                "allow_stdin": False, "stop_on_error": True}))
+            msg_id = self._send("shell", self._execute_request(BOOTSTRAP, silent=True))
             reply = self._wait(timeout, lambda ch, m: ch == "shell" and m["parent_header"].get("msg_id") == msg_id)
             if reply["content"]["status"] != "ok":
                 c = reply["content"]
@@ -369,15 +373,19 @@ class RemoteKernel(KernelBase):
                             frames)
         return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=False)
 
+    def _execute_request(self, code: str, silent: bool) -> dict:
+        """An execute_request as ``KernelClient.execute`` makes it (a silent one stays out of history)."""
+        return self.session.msg("execute_request", {
+            "code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": True})
+
     def _comm_msg(self, data: dict) -> dict:
         return self.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
 
     def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
         """Run cell source in the kernel's namespace; return the execute_reply content."""
         self.calls += 1
-        msg_id = self._send("shell", self.session.msg("execute_request", {
-            "code": code, "silent": False, "store_history": True, "user_expressions": {},
-            "allow_stdin": False, "stop_on_error": True}))
+        msg_id = self._send("shell", self._execute_request(code, silent=False))
         return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
 
     def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool) -> Reply:

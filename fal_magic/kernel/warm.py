@@ -27,7 +27,7 @@ from ..errors import KernelDiedError, KernelStartError
 from ..outputs import OutputSink
 from . import runtime
 from .base import (BOOTSTRAP, LIVENESS_PERIOD, KernelBase, NestedHandler, NotStarted, Reply, check_hello,
-                   comm_open, forward_output, is_hello, kernel_argv, msg_counter, runtime_reply)
+                   comm_open, forward_output, is_hello, kernel_argv, kernel_env, msg_counter, runtime_reply)
 
 #: One zmq context for every kernel's sockets. Its sockets do not linger: a request left unsent to a
 #: kernel that died must not block closing them (a context's term() would wait for it forever).
@@ -99,14 +99,11 @@ class WarmKernel(KernelBase):
         child_env = {k: v for k, v in os.environ.items()
                      if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
         child_env.update(
-            VIRTUAL_ENV=str(env.path),
-            PATH=f"{env.path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            kernel_env(env.path, os.environ.get("PATH", "")),
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),
             FAL_MAGIC_BROKER=broker_address,
             FAL_MAGIC_FAST=fast_address,
             **({runtime.SHM_ENV: str(self.shm_dir)} if self.shm_dir is not None else {}),
-            PYDEVD_DISABLE_FILE_VALIDATION="1",
-            PYTHONDONTWRITEBYTECODE="",  # the env is fal_magic's: modules compiled on import are kept
         )
         log = open(self.log_path, "ab", buffering=0)
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +24,7 @@ from ..envs import EnvCache, EnvSpec, make_spec
 from ..envs.cache import ensure_private_dir
 from ..envs.spec import host_python
 from ..errors import FalMagicError
-from ..kernel.base import kernel_argv
+from ..kernel.base import kernel_argv, kernel_env
 from ..kernel.runtime import REMOTE_ENV
 
 #: Kernelspecs made here are named ``fal_magic-<key>``; the culler looks after kernels of those only.
@@ -74,8 +73,7 @@ class FalMagicServer(LoggingConfigurable):
             "display_name": f"fal_magic {', '.join(spec.requirements) or 'no requirements'}",
             "language": "python",
             "interrupt_mode": "signal",
-            "env": {"VIRTUAL_ENV": str(env.path), "PATH": f"{env.path / 'bin'}{os.pathsep}${{PATH}}",
-                    REMOTE_ENV: "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1", "PYTHONDONTWRITEBYTECODE": ""},
+            "env": {**kernel_env(env.path, "${PATH}"), REMOTE_ENV: "1"},  # ${PATH}: the server's, at start
             "metadata": {**self.kernelspec_metadata,
                          "fal_magic": {"key": spec.key, "requirements": list(spec.requirements)}},
         }

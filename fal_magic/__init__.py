@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING, Any
 
 from .config import FalMagic, configure
-from .decorator import IsolatedFunction, isolated
-from .kernel.runtime import cached
 from .errors import (
     AuthenticationError,
     EnvironmentBuildError,
@@ -21,7 +20,15 @@ from .errors import (
     SerializationError,
 )
 
-from .widget import kernels
+if TYPE_CHECKING:
+    from .decorator import IsolatedFunction, isolated
+    from .kernel.runtime import cached
+    from .widget import kernels
+
+#: Names whose modules load on first use: the server extension imports this package too, and
+#: needs none of the client side (kernels, widgets).
+_LAZY = {"IsolatedFunction": "decorator", "isolated": "decorator", "cached": "kernel.runtime",
+         "kernels": "widget"}
 
 __version__ = "0.1.0"
 
@@ -44,21 +51,31 @@ __all__ = [
 ]
 
 
-def load_ipython_extension(ipython) -> None:
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext fal_magic``: register ``%%isolated``, ``%isolated_kernels`` and ``%isolated_shutdown``."""
     from .magics import load
 
     load(ipython)
 
 
-def unload_ipython_extension(ipython) -> None:
+def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext fal_magic``."""
     from .magics import unload
 
     unload(ipython)
 
 
-def _jupyter_server_extension_points() -> list[dict]:
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
     """``--ServerApp.jpserver_extensions="{'fal_magic': True}"`` loads the server side (``fal_magic.server``)."""
     return [{"module": "fal_magic.server"}]
 

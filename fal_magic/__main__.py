@@ -43,7 +43,7 @@ def demo(keep_alive: float = 3.0, host: str | None = None) -> int:
     def describe(n):
         import os
 
-        import humanize
+        import humanize  # type: ignore[import-not-found]  # in the function's environment only
 
         return os.getpid(), humanize.intword(n)
 

@@ -12,7 +12,8 @@ import logging
 import numbers
 import threading
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypedDict
 
 from .config import settings
 from .envs import EnvSpec, make_spec
@@ -20,13 +21,27 @@ from .errors import FalMagicError
 from .kernel import get_pool
 from .kernel.remote import check_url
 from .kernel.runtime import isolated_proxy, map_chunk
+from .kernel.contract import Frames
 from .kernel.wire import dump_call, load_result, rebuild_exception
 from .outputs import CallerOutput
 
 log = logging.getLogger("fal_magic")
 
 SUPPORTED_KINDS = ("virtualenv",)
-_OPTION_NAMES = ("kind", "requirements", "keep_alive", "max_kernels", "machine_type", "host")
+
+
+class Options(TypedDict):
+    """An isolated function's options, as ``isolated()`` takes them (and as they travel with a nested call)."""
+
+    kind: str
+    requirements: tuple[str, ...]
+    keep_alive: float | None
+    max_kernels: int
+    machine_type: str | None
+    host: str | None
+
+
+_OPTION_NAMES = tuple(Options.__annotations__)
 
 _machine_type_warned = False
 
@@ -71,7 +86,7 @@ def _warn_machine_type(machine_type: str) -> None:
 class IsolatedFunction:
     """A function bound to an environment; calling it runs it in that environment's warm kernel."""
 
-    def __init__(self, func: Callable, *, kind: str = "virtualenv", requirements: Iterable[str] | str = (),
+    def __init__(self, func: Callable[..., Any], *, kind: str = "virtualenv", requirements: Iterable[str] | str = (),
                  keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None,
                  host: str | None = None) -> None:
         if not callable(func):
@@ -81,15 +96,15 @@ class IsolatedFunction:
             _warn_machine_type(machine_type)
         self.func = func
         self.spec: EnvSpec = make_spec(requirements)
-        self._options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,
-                         "max_kernels": max_kernels, "machine_type": machine_type, "host": host}
+        self._options: Options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,
+                                  "max_kernels": max_kernels, "machine_type": machine_type, "host": host}
         functools.update_wrapper(self, func)
 
     @property
     def keep_alive(self) -> float:
         """Seconds the kernel stays warm after a call (the configured default when not given)."""
         value = self._options["keep_alive"]
-        return float(settings().default_keep_alive if value is None else value)
+        return float(settings().default_keep_alive) if value is None else float(value)
 
     @property
     def max_kernels(self) -> int:
@@ -105,7 +120,7 @@ class IsolatedFunction:
             return self
         return functools.partial(self.__call__, obj)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         """Travelling into a kernel (used by another isolated function), it becomes a proxy that asks
         the host to run it in its own environment; the kernel needs no fal_magic install."""
         return (isolated_proxy, (self.func, dict(self._options)))
@@ -122,14 +137,14 @@ class IsolatedFunction:
         frames = dump_call(self.func, args, kwargs)
         return self._run(frames)
 
-    def _run(self, frames: list, sink: CallerOutput | None = None) -> Any:
+    def _run(self, frames: Frames, sink: CallerOutput | None = None) -> Any:
         __tracebackhide__ = True
         reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
                                 max_kernels=self.max_kernels, machine_type=self._options["machine_type"],
                                 host=self._options["host"])
         return load_result(reply.content, reply.buffers, self.spec.requirements, self.func)
 
-    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Start a call in the background and return its Future (``asyncio.wrap_future`` makes it awaitable).
 
         The call is pickled now, so its arguments are taken as they are at this moment.
@@ -167,7 +182,7 @@ class IsolatedFunction:
 
         return results()
 
-    def warmup(self) -> concurrent.futures.Future:
+    def warmup(self) -> concurrent.futures.Future[Any]:
         """Start the key's kernel(s) in the background so that a later first call is fast."""
         pool = get_pool()
 
@@ -184,7 +199,7 @@ class IsolatedFunction:
         return _background().submit(start)
 
 
-def isolated(kind: str | Callable = "virtualenv", *, requirements: Iterable[str] | str = (),
+def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Iterable[str] | str = (),
              keep_alive: float | None = None, max_kernels: int = 1,
              machine_type: str | None = None, host: str | None = None) -> Any:
     """Run the decorated function in a warm, isolated kernel whose environment has ``requirements``.
@@ -199,7 +214,7 @@ def isolated(kind: str | Callable = "virtualenv", *, requirements: Iterable[str]
     _check_options(kind, keep_alive, max_kernels, host)
     make_spec(requirements)  # a bad requirement fails at decoration, before anything is built
 
-    def decorate(func: Callable) -> IsolatedFunction:
+    def decorate(func: Callable[..., Any]) -> IsolatedFunction:
         return IsolatedFunction(func, kind=kind, requirements=requirements, keep_alive=keep_alive,
                                 max_kernels=max_kernels, machine_type=machine_type, host=host)
 

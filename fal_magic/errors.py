@@ -51,7 +51,8 @@ class RemoteError(FalMagicError):
         self.remote_message = message
         self.traceback_text = traceback_text
 
-    def __reduce__(self):  # keep the three fields when the error itself is pickled
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        """Keep the three fields when the error itself is pickled."""
         return (type(self), (self.type_name, self.remote_message, self.traceback_text))
 
     def __str__(self) -> str:

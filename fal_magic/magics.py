@@ -60,6 +60,8 @@ class IsolatedMagics(Magics):
         The kernel's namespace persists between cells with the same requirements while it is warm.
         """
         __tracebackhide__ = True
+        shell = self.shell
+        assert shell is not None, "registered magics have a shell"
         args = _parse(self.isolated, line)
         if args.keep_alive is not None and args.keep_alive < 0:
             raise UsageError(f"--keep-alive must be >= 0, not {args.keep_alive:g}")
@@ -68,10 +70,10 @@ class IsolatedMagics(Magics):
         except EnvironmentBuildError as exc:
             raise UsageError(str(exc)) from None
         push, pull = _names(args.push), _names(args.pull)
-        missing = [n for n in push if n not in self.shell.user_ns]
+        missing = [n for n in push if n not in shell.user_ns]
         if missing:
             raise UsageError(f"--push: not defined in the notebook: {', '.join(missing)}")
-        push_frames = dump_values({n: self.shell.user_ns[n] for n in push}) if push else None
+        push_frames = dump_values({n: shell.user_ns[n] for n in push}) if push else None
         keep_alive = settings().default_keep_alive if args.keep_alive is None else args.keep_alive
 
         pool = get_pool()
@@ -84,18 +86,18 @@ class IsolatedMagics(Magics):
         pulled: dict[str, Any] = {}
         with pool.lease(spec, keep_alive, host=args.host) as kernel:
             if push_frames is not None:
-                pushed = kernel.call(push_frames, sink, grace, op="push")
+                pushed = kernel.push(push_frames, sink, grace)
                 load_result(pushed.content, pushed.buffers, spec.requirements)
             reply = kernel.execute(cell, sink, grace).content
             if reply["status"] == "ok" and pull:
-                pull_reply = kernel.call([], sink, grace, op="pull", names=pull)
+                pull_reply = kernel.pull(pull, sink, grace)
                 pulled = load_result(pull_reply.content, pull_reply.buffers, spec.requirements)
         if reply["status"] != "ok":
             if reply.get("ename") == "KeyboardInterrupt":
                 raise KeyboardInterrupt("the isolated cell was interrupted")
             raise RemoteError(reply.get("ename", "Error"), reply.get("evalue", ""),
                               "\n".join(reply.get("traceback", [])))
-        self.shell.user_ns.update(pulled)
+        shell.user_ns.update(pulled)
 
     @line_magic
     def isolated_kernels(self, line: str) -> Any:
@@ -118,13 +120,20 @@ class IsolatedMagics(Magics):
 
 
 def load(ipython: Any) -> None:
-    """Register the magics and read ``c.FalMagic`` options from the shell's config."""
-    settings().update_config(ipython.config)
+    """Register the magics, read ``c.FalMagic`` options from the shell's config, and list the settings
+    among the shell's configurables (``%config FalMagic`` shows them, ``%config FalMagic.x = v`` sets them)."""
+    current = settings()
+    current.update_config(ipython.config)
+    if current not in ipython.configurables:
+        ipython.configurables.append(current)
     ipython.register_magics(IsolatedMagics)
 
 
 def unload(ipython: Any) -> None:
     """Remove the magics again (warm kernels stay; ``%isolated_shutdown --all`` stops them)."""
+    current = settings()
+    if current in ipython.configurables:
+        ipython.configurables.remove(current)
     magics = ipython.magics_manager.magics
     magics["cell"].pop("isolated", None)
     for name in ("isolated_kernels", "isolated_shutdown"):

@@ -55,7 +55,7 @@ class CallerOutput:
         if _ipython() is not None:
             from IPython.display import clear_output
 
-            clear_output(wait=wait)
+            clear_output(wait=wait)  # type: ignore[no-untyped-call]
 
     @staticmethod
     def _stream(name: str, text: str) -> None:
@@ -72,7 +72,7 @@ class CallerOutput:
         if shell is not None and hasattr(shell, "display_pub"):
             from IPython.display import publish_display_data
 
-            publish_display_data(data=data, metadata=metadata, transient=transient,
+            publish_display_data(data=data, metadata=metadata, transient=transient,  # type: ignore[no-untyped-call]
                                  update=msg_type == "update_display_data")
             return
         text = data.get("text/plain")

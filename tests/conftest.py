@@ -1,22 +1,35 @@
-"""Shared fixtures: one environment cache for the whole run, a clean pool per test, and the
-suite-level check that no kernel outlives the tests."""
+"""Shared fixtures: one environment cache for the whole run, a clean pool per test, the test
+Jupyter Server (started once, when a test first needs it), and the suite-level check that no kernel
+outlives the tests."""
 from __future__ import annotations
 
+import json
 import os
 import signal
-import threading
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+# Ctrl-C tests send SIGINT to this process: Python must turn it into KeyboardInterrupt even when the
+# suite was started by a parent that ignores SIGINT (a job started with '&' by a non-interactive shell).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+#: The token of the test Jupyter Server, and how long it lets a kernel without a host live.
+TOKEN = "fal-magic-test-token"
+ORPHAN_TIMEOUT = 3
 
 # Environments are shared by every test of a run (and by the processes the tests start):
 # FAL_MAGIC_TEST_HOME keeps them across runs on a developer's machine.
 _HOME = os.environ.get("FAL_MAGIC_TEST_HOME")
 
 
-def kernel_pids(home: Path) -> list[int]:
-    """Pids of live kernel processes whose Python lives in ``home`` (kernels the tests started)."""
+def kernel_pids() -> list[int]:
+    """Pids of running ipykernel processes on this machine (zombies excluded), whoever started them."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -26,11 +39,27 @@ def kernel_pids(home: Path) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state == "Z":
-            continue
-        if b"ipykernel_launcher" in cmd and cmd[0].decode(errors="replace").startswith(str(home)):
+        if state != "Z" and any(b"ipykernel_launcher" in part or part == b"ipykernel" for part in cmd[:4]):
             pids.append(int(entry.name))
     return pids
+
+
+def describe_pids(pids: list[int]) -> str:
+    out = []
+    for pid in pids:
+        try:
+            out.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ').decode()[:200]}")
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return "; ".join(out)
+
+
+#: Kernels that ran before the suite started (not ours to judge).
+_KERNELS_BEFORE = set(kernel_pids())
+
+
+def leaked_kernels() -> list[int]:
+    return [pid for pid in kernel_pids() if pid not in _KERNELS_BEFORE]
 
 
 def pid_alive(pid: int) -> bool:
@@ -53,31 +82,17 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
-def assert_ctrl_c_interrupts_and_the_kernel_survives(within: float) -> None:
-    """Ctrl-C one second into a 30 s isolated call (on the configured host) raises KeyboardInterrupt
-    within ``within`` seconds, and the same kernel process serves the next call."""
-    from fal_magic import isolated
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    @isolated(keep_alive=30)
-    def pid():
-        import os
 
-        return os.getpid()
-
-    @isolated(keep_alive=30)
-    def slow():
-        import time
-
-        time.sleep(30)
-
-    before = pid()
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        slow()
-    assert time.monotonic() - started < within
-    assert pid() == before
+def server_api(url: str, path: str, token: str = TOKEN):
+    """GET a JSON resource of the test server."""
+    req = urllib.request.Request(url + path, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
 
 
 @pytest.fixture(scope="session")
@@ -94,16 +109,73 @@ def _session_home(fal_home: Path):
     from fal_magic.kernel import get_pool
 
     get_pool().close()
-    assert wait_until(lambda: not kernel_pids(fal_home), timeout=15), (
-        f"kernels outlived the test suite: {kernel_pids(fal_home)}")
+    assert wait_until(lambda: not leaked_kernels(), timeout=15), (
+        f"kernels outlived the test suite: {describe_pids(leaked_kernels())}")
 
 
 @pytest.fixture(autouse=True)
 def _fresh_pool():
-    """Each test starts with no warm kernels and leaves none behind."""
+    """Each test starts with no warm kernels and leaves none running: a kernel process of any kind
+    (isolated, notebook, server) that outlives the test's own clean-up fails that test."""
     from fal_magic import config
     from fal_magic.kernel import get_pool
 
     yield
     get_pool().shutdown()
     config.adopt(config.FalMagic())
+    assert wait_until(lambda: not leaked_kernels(), timeout=15), (
+        f"this test left kernels running: {describe_pids(leaked_kernels())}")
+
+
+@pytest.fixture(scope="session")
+def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A jupyter_server with the extension on 127.0.0.1 (its own cache and token); its kernels are
+    its children. Started once for the run, by the first test that needs it."""
+    port = free_port()
+    root = tmp_path_factory.mktemp("server_root")
+    env = {**os.environ, "FAL_MAGIC_HOME": str(fal_home / "server")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
+         f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
+         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            server_api(url, "/api/status")
+            return True
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(up, timeout=60, interval=0.2), (root / "server.log").read_text()[-3000:]
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def remote(server):
+    """The server's URL, with fal_magic configured for it; after the test no kernel is left there."""
+    import fal_magic
+    from fal_magic.kernel import get_pool
+
+    url, _ = server
+    fal_magic.configure(host=url, token=TOKEN)
+    yield url
+    get_pool().shutdown()
+    assert wait_until(lambda: not server_api(url, "/api/kernels"), timeout=20), "kernels left on the server"
+
+
+@pytest.fixture(params=["local", "remote"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Each kind of kernel in turn: this machine, then the test Jupyter Server (one contract)."""
+    if request.param == "remote":
+        request.getfixturevalue("remote")
+    return request.param

@@ -187,3 +187,20 @@ def test_a_cycle_of_nested_calls_is_a_clear_error_not_a_hang():
     with pytest.raises(Exception, match="cycle"):
         recurse(0)
     assert time.monotonic() - started < 60
+
+
+def test_cached_closures_of_one_factory_keep_their_own_results():
+    def make(n, offset=0):
+        @cached
+        def value():
+            return n + offset
+
+        return value
+
+    assert (make(1)(), make(2)(), make(1, offset=10)()) == (1, 2, 11)  # in the host
+
+    @isolated(keep_alive=30)
+    def in_kernel():
+        return make(1)(), make(2)(), make(1)(), make(1, offset=10)()
+
+    assert in_kernel() == (1, 2, 1, 11)

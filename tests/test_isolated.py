@@ -22,7 +22,7 @@ from fal_magic import (
 )
 from fal_magic.kernel import get_pool
 
-from .conftest import assert_ctrl_c_interrupts_and_the_kernel_survives, pid_alive
+from .conftest import pid_alive
 
 SCALE = 7  # a module-level global that functions below use
 
@@ -30,6 +30,21 @@ SCALE = 7  # a module-level global that functions below use
 def helper(x):
     """A module-level helper: travels with the functions that use it."""
     return x * SCALE
+
+
+def in_shared_memory(array) -> bool:
+    """Whether an array's memory is a mapping of a file in fal_magic's shared-memory directory (run
+    in the kernel: it reads the process's own memory map)."""
+    import ctypes
+
+    address = ctypes.addressof(ctypes.c_char.from_buffer(array))
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return len(fields) > 5 and fields[5].startswith("/dev/shm/fal_magic-")
+    return False
 
 
 class Point:
@@ -68,15 +83,6 @@ def test_seed_examples():
     assert get_two() == 2
     assert get_two() == 2
     assert nice(10**6) == "1,000,000"
-
-
-def test_warm_calls_reuse_the_same_kernel_process():
-    first = whoami()
-    assert first != os.getpid()
-    assert whoami() == first
-    assert whoami() == first
-    info = [k for k in get_pool().snapshot() if k.pid == first]
-    assert len(info) == 1 and info[0].calls == 3 and info[0].state == "idle"
 
 
 def test_the_kernel_runs_the_environments_python_not_the_hosts():
@@ -156,6 +162,10 @@ def test_large_arrays_cross_through_shared_memory_and_stay_private_to_each_side(
         return a
 
     @isolated(keep_alive=30, requirements=["numpy"])
+    def mapped_from_shared_memory(a):
+        return in_shared_memory(a)
+
+    @isolated(keep_alive=30, requirements=["numpy"])
     def kept_ends():
         import sys
 
@@ -167,6 +177,7 @@ def test_large_arrays_cross_through_shared_memory_and_stay_private_to_each_side(
         return a
 
     arr = np.ones(2 * SHM_MIN // 8)
+    assert mapped_from_shared_memory(arr) is True
     back = keep(arr)
     back[0], back[-1] = 99, 7  # the host's result is its own memory, not the kernel's
     assert kept_ends() == (1.0, 1.0)
@@ -193,7 +204,7 @@ def test_large_arrays_still_cross_when_shared_memory_cannot_be_written():
 
     @isolated(keep_alive=30, requirements=["numpy"])
     def plus_one(a):
-        return a + 1
+        return a + 1, in_shared_memory(a)
 
     arr = np.arange(2 * SHM_MIN // 8, dtype=np.float64)
     limit_file_size(2**20)  # as if the kernel's /dev/shm were full
@@ -201,11 +212,12 @@ def test_large_arrays_still_cross_when_shared_memory_cannot_be_written():
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))  # and the host's
     try:
-        out = plus_one(arr)
+        out, shm = plus_one(arr)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, saved_handler)
     assert np.array_equal(out, arr + 1)
+    assert shm is False  # it came inline: shared memory could not take it
 
 
 def test_wraps_keeps_name_doc_signature_and_func():
@@ -257,20 +269,6 @@ def test_bad_options_are_clear_errors():
 
 
 # -- exceptions -----------------------------------------------------------------------------
-
-
-def test_exception_type_message_and_remote_traceback():
-    @isolated
-    def fail(n):
-        if n > 0:
-            raise CustomError(f"bad value {n}")
-
-    with pytest.raises(CustomError, match="bad value 3") as info:
-        fail(3)
-    notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert "traceback in the isolated kernel" in notes
-    assert "in fail" in notes and __file__ in notes
-    assert 'raise CustomError(f"bad value {n}")' in notes
 
 
 def test_chained_exceptions_keep_their_chain():
@@ -370,9 +368,10 @@ def test_unpicklable_result_is_a_serialization_error_and_the_kernel_stays():
 
         return os.getpid()
 
+    before = pid()
     with pytest.raises(SerializationError, match="result, of type generator, cannot be pickled"):
         make_generator()
-    assert pid_alive(pid())
+    assert pid() == before
     assert len(get_pool().snapshot()) == 1
 
 
@@ -466,10 +465,6 @@ def test_kernel_death_raises_and_the_next_call_gets_a_fresh_kernel():
     assert after != before and pid_alive(after) and not pid_alive(before)
 
 
-def test_ctrl_c_interrupts_the_remote_call_and_the_kernel_survives():
-    assert_ctrl_c_interrupts_and_the_kernel_survives(within=10)
-
-
 def test_threads_share_a_key_safely():
     @isolated(keep_alive=30)
     def square(x):
@@ -523,19 +518,3 @@ def test_public_names():
                  "KernelStartError", "RemoteError", "SerializationError"]:
         assert hasattr(fal_magic, name)
     assert issubclass(SerializationError, FalMagicError)
-
-
-def test_map_keeps_order_and_raises_the_failing_item():
-    @isolated(keep_alive=30, max_kernels=2)
-    def invert(x):
-        return 1 / x
-
-    assert list(invert.map([1, 2, 4], chunksize=1)) == [1.0, 0.5, 0.25]
-    results = invert.map([1, 2, 0, 4])
-    assert next(results) == 1.0 and next(results) == 0.5
-    with pytest.raises(ZeroDivisionError) as info:
-        next(results)
-    assert "return 1 / x" in "\n".join(info.value.__notes__)
-    assert list(invert.map(range(1, 201))) == [1 / x for x in range(1, 201)]
-    with pytest.raises(FalMagicError, match="chunksize"):
-        invert.map([1], chunksize=0)

@@ -106,14 +106,16 @@ def test_help_is_available(ip):
 
 
 def test_interrupt_stops_the_cell_and_the_kernel_survives(ip):
-    assert run(ip, "%%isolated --keep-alive 30\nimport os\nkept = os.getpid()")[0].success
+    assert run(ip, "%%isolated --keep-alive 30\nimport os\nkept = os.getpid()\ninterrupted = False")[0].success
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
-    result, _ = run(ip, "%%isolated --keep-alive 30\nimport time\ntime.sleep(30)")
+    result, _ = run(ip, "%%isolated --keep-alive 30\nimport time\ntry:\n    time.sleep(30)\n"
+                        "except KeyboardInterrupt:\n    interrupted = True\n    raise")
     timer.join()
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
-    result, out = run(ip, "%%isolated --keep-alive 30\nprint(kept == os.getpid())")
-    assert out.stdout == "True\n"
+    # the kernel itself was interrupted (not only the host's wait), and it is the same kernel
+    result, out = run(ip, "%%isolated --keep-alive 30\nprint(kept == os.getpid(), interrupted)")
+    assert out.stdout == "True True\n"
 
 
 def test_isolated_shutdown(ip):
@@ -141,12 +143,25 @@ def test_isolated_kernels_lists_the_warm_kernels(ip):
     assert str(record.pid) in text and "humanize==4.16.0" in text and "idle" in text
 
 
-def test_config_is_read_from_the_shell(ip):
-    from traitlets.config import Config
+def test_config_is_read_from_the_shell_and_shown_by_percent_config(ip):
+    import time
 
-    from fal_magic.config import settings
+    ip.run_line_magic("unload_ext", "fal_magic")
+    saved = ip.config.get("FalMagic")
+    ip.config.FalMagic.default_keep_alive = 420.0
+    try:
+        ip.run_line_magic("load_ext", "fal_magic")  # reads the shell's config
+        assert run(ip, "%%isolated\nx = 1")[0].success
+        [info] = get_pool().snapshot()
+        assert 400 < info.deadline - time.time() <= 420  # the kernel got the shell's keep-alive
+        _, out = run(ip, "%config FalMagic")
+        assert "FalMagic.default_keep_alive" in out.stdout and "420.0" in out.stdout
+        run(ip, "%config FalMagic.default_keep_alive = 77")
+        from fal_magic.config import settings
 
-    cfg = Config()
-    cfg.FalMagic.default_keep_alive = 42.0
-    settings().update_config(cfg)
-    assert settings().default_keep_alive == 42.0
+        assert settings().default_keep_alive == 77.0
+    finally:
+        if saved is None:
+            del ip.config["FalMagic"]
+        else:
+            ip.config.FalMagic = saved

@@ -5,80 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from pathlib import Path
 
 import pytest
 from IPython.utils.capture import capture_output
 
 import fal_magic
-from fal_magic import AuthenticationError, FalMagicError, KernelDiedError, KernelStartError, RemoteError, isolated
-from fal_magic.kernel import get_pool
+from fal_magic import AuthenticationError, FalMagicError, KernelStartError, RemoteError, isolated
 from fal_magic.kernel.remote import pack_v1, unpack_v1
 
-from .conftest import assert_ctrl_c_interrupts_and_the_kernel_survives, pid_alive, wait_until
-
-TOKEN = "fal-magic-test-token"
-ORPHAN_TIMEOUT = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(url: str, path: str, token: str = TOKEN):
-    req = urllib.request.Request(url + path, headers={"Authorization": f"token {token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.load(resp)
-
-
-@pytest.fixture(scope="module")
-def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A jupyter_server with the extension on 127.0.0.1; its kernels are children of this process."""
-    port = _free_port()
-    root = tmp_path_factory.mktemp("server_root")
-    env = {**os.environ, "FAL_MAGIC_HOME": str(fal_home / "server")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
-         f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
-         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            _api(url, "/api/status")
-            return True
-        except OSError:
-            return False
-
-    try:
-        assert wait_until(up, timeout=60, interval=0.2), (root / "server.log").read_text()[-3000:]
-        yield url, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def remote(server):
-    """The server's URL, with fal_magic configured for it; after the test no kernel is left there."""
-    url, _ = server
-    fal_magic.configure(host=url, token=TOKEN)
-    yield url
-    get_pool().shutdown()
-    assert wait_until(lambda: not _api(url, "/api/kernels"), timeout=20), "kernels left on the server"
+from .conftest import ORPHAN_TIMEOUT, TOKEN, free_port, pid_alive, wait_until
+from .conftest import server_api as _api
 
 
 def _parent(pid: int) -> int:
@@ -138,52 +78,6 @@ def test_host_per_function_and_local_stays_local(remote, server):
     assert _parent(here()) == os.getpid()
 
 
-def test_keep_alive_expiry_shuts_the_remote_kernel_down(remote):
-    @isolated(keep_alive=1)
-    def one():
-        return 1
-
-    assert one() == 1
-    assert len(_api(remote, "/api/kernels")) == 1
-    assert wait_until(lambda: not _api(remote, "/api/kernels"), timeout=20)
-    assert len(fal_magic.kernels()) == 0
-
-
-def test_remote_exception_keeps_type_message_and_traceback(remote):
-    @isolated(keep_alive=30)
-    def fails(x):
-        raise ValueError(f"bad value {x}")
-
-    with pytest.raises(ValueError, match="bad value 7") as info:
-        fails(7)
-    notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert 'raise ValueError(f"bad value {x}")' in notes
-
-
-def test_remote_kernel_death_is_reported_and_the_next_call_gets_a_new_kernel(remote):
-    @isolated(keep_alive=30)
-    def pid():
-        import os
-
-        return os.getpid()
-
-    @isolated(keep_alive=30)
-    def die():
-        import os
-
-        os._exit(3)
-
-    before = pid()
-    with pytest.raises(KernelDiedError, match="died during the call"):
-        die()
-    after = pid()
-    assert after != before and not pid_alive(before)
-
-
-def test_ctrl_c_interrupts_a_remote_call_and_the_kernel_survives(remote):
-    assert_ctrl_c_interrupts_and_the_kernel_survives(within=15)  # the interrupt goes through the REST API
-
-
 def test_50_mib_array_round_trip(remote):
     import numpy as np
 
@@ -231,7 +125,7 @@ def test_bad_hosts_are_clear_errors():
     fal_magic.configure(allow_plain_http=True)
     isolated(host="http://gpu-box:8888")(lambda: 1)  # allowed explicitly; nothing is contacted yet
 
-    @isolated(host=f"http://127.0.0.1:{_free_port()}")
+    @isolated(host=f"http://127.0.0.1:{free_port()}")
     def nowhere():
         return 1
 
@@ -310,3 +204,33 @@ def test_demo_runs_on_the_server(remote):
     out = subprocess.run([sys.executable, "-m", "fal_magic", "demo", "--host", remote],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 1 and "error: the Jupyter Server" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_request_bodies_are_refused_with_400(remote):
+    import urllib.error
+    import urllib.request
+
+    from fal_magic.envs.spec import host_python
+
+    bodies = [[], "text", 3, {"requirements": "humanize", "python": host_python(), "cloudpickle": "3"},
+              {"requirements": [1], "python": host_python(), "cloudpickle": "3"},
+              {"requirements": [], "python": host_python(), "cloudpickle": '3.1.3; python_version<"0"'},
+              {"requirements": ["x"] * 1001, "python": host_python(), "cloudpickle": "3"}]
+    for body in bodies:
+        req = urllib.request.Request(remote + "/fal_magic/api/envs", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=30)
+        assert info.value.code == 400, (body, info.value.code)
+
+
+def test_eight_hosts_asking_for_one_environment_at_once_all_get_it(remote):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fal_magic.envs import make_spec
+    from fal_magic.kernel.remote import ServerClient
+
+    spec = make_spec([])
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(lambda _: ServerClient(remote, TOKEN).build_env(spec, lambda line: None), range(8)))
+    assert names == [f"fal_magic-{spec.key}"] * 8

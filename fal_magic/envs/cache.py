@@ -22,7 +22,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -92,10 +93,12 @@ class _KeyLock:
         self.mutex = threading.Lock()
         self.fd: int | None = None
 
-    def hold(self, mode: int) -> None:
+    def hold(self, mode: int) -> int:
+        """Take the flock in ``mode`` (opening the lock file first); return its descriptor."""
         if self.fd is None:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, mode)
+        return self.fd
 
     def drop(self) -> None:
         if self.fd is not None:
@@ -264,7 +267,7 @@ class EnvCache:
             if not path.is_dir():
                 continue
             marker = path / MARKER
-            meta: dict = {}
+            meta: dict[str, Any] = {}
             if marker.exists():
                 try:
                     meta = json.loads(marker.read_text())
@@ -292,9 +295,9 @@ class EnvCache:
         with lock.mutex:
             if lock.fd is not None:
                 raise FalMagicError(f"environment {key} is in use by this process; shut its kernels down first")
-            lock.hold(fcntl.LOCK_SH)
+            fd = lock.hold(fcntl.LOCK_SH)
             try:
-                fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 lock.drop()
                 raise FalMagicError(f"environment {key} is in use by another process (a live kernel or a build)") \

@@ -42,7 +42,7 @@ def normalize_requirement(text: str) -> str:
         req = Requirement(text.strip())
     except InvalidRequirement as exc:
         raise EnvironmentBuildError(f"invalid requirement {text!r}: {exc}") from None
-    out = canonicalize_name(req.name)
+    out: str = canonicalize_name(req.name)
     if req.extras:
         out += "[" + ",".join(sorted(canonicalize_name(e) for e in req.extras)) + "]"
     if req.url:

@@ -18,20 +18,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Iterator
 
 from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, make_spec
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
-from .base import KernelBase, NestedHandler, NotStarted, Reply, slot_name
+from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, Reply, slot_name
+from .local import LocalKernel
 from .remote import RemoteKernel, ServerClient, check_url
-from .warm import WarmKernel
 from .wire import describe_exception, dump_call, dumps, loads
 
 log = logging.getLogger("fal_magic")
-
-Progress = Callable[[str], None]
 
 #: How deep isolated calls may nest inside each other before it is called a runaway recursion.
 MAX_NESTING = 8
@@ -78,9 +76,8 @@ class KernelPool:
 
     def __init__(self, config: FalMagic | None = None) -> None:
         self._config = config
-        self._kernels: dict[str, list[KernelBase]] = {}  # by slot: the key, plus the host if remote
+        self._kernels: dict[str, list[Kernel]] = {}  # by slot: the key, plus the host if remote
         self._caches: dict[Path, EnvCache] = {}
-        self._key_cache: dict[str, EnvCache] = {}
         self._cond = threading.Condition()
         self._culler: threading.Thread | None = None
         self._closed = False
@@ -126,7 +123,7 @@ class KernelPool:
         return check_url(host, self.config.allow_plain_http) if host else None
 
     def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log.info,
-                machine_type: str | None = None, host: str | None = None) -> KernelBase:
+                machine_type: str | None = None, host: str | None = None) -> Kernel:
         """Lease an idle kernel of ``spec``'s key (on ``host``, see ``host_url``), starting one if all
         are busy and there is room."""
         if max_kernels < 1:
@@ -141,7 +138,7 @@ class KernelPool:
                 kernels = self._kernels.setdefault(key, [])
                 for k in kernels:
                     if k.state == "idle":
-                        if not k.alive():  # crashed while idle: replace it
+                        if not k.is_alive():  # crashed while idle: replace it
                             self._forget(k)
                             threading.Thread(target=k.shutdown, kwargs={"now": True}, daemon=True).start()
                             break
@@ -149,27 +146,13 @@ class KernelPool:
                         return k
                 else:
                     if len(kernels) < max_kernels:
-                        if url is None:
-                            kernel = WarmKernel(spec.key, spec.requirements, self.runtime_dir(), self._shm_dir)
-                        else:
-                            kernel = RemoteKernel(spec.key, spec.requirements,
-                                                  ServerClient(url, self.config.resolved_token()))
+                        kernel = self._new_kernel(spec, url)
                         kernel.machine_type = machine_type
                         kernels.append(kernel)
                         break
                     self._cond.wait()
         try:
-            started = time.perf_counter()
-            if isinstance(kernel, RemoteKernel):
-                kernel.start(spec, progress, self.config.kernel_start_timeout)
-            else:
-                cache = self._cache()
-                env = cache.get(spec, progress)
-                self._key_cache[key] = cache
-                started = time.perf_counter()
-                kernel.start(env, self.config.kernel_start_timeout)
-            progress(f"kernel {kernel.id} started on environment {spec.key}"
-                     f"{'' if url is None else ' at ' + url} in {time.perf_counter() - started:.2f}s")
+            kernel.start(spec, progress, self.config.kernel_start_timeout)
         except BaseException:
             with self._cond:
                 self._forget(kernel)
@@ -185,7 +168,13 @@ class KernelPool:
             raise KernelStartError("the new kernel was shut down before its first call")
         return kernel
 
-    def release(self, kernel: KernelBase, keep_alive: float) -> None:
+    def _new_kernel(self, spec: EnvSpec, url: str | None) -> Kernel:
+        """A kernel of the kind that runs where ``url`` says: this machine (None) or a Jupyter Server."""
+        if url is None:
+            return LocalKernel(spec.key, spec.requirements, self._cache(), self.runtime_dir(), self._shm_dir)
+        return RemoteKernel(spec.key, spec.requirements, ServerClient(url, self.config.resolved_token()))
+
+    def release(self, kernel: Kernel, keep_alive: float) -> None:
         """Give a leased kernel back; it stays warm until the latest deadline any call promised it.
         (A death during the call marked it dead; one after it is found by the next ``acquire``.)"""
         with self._cond:
@@ -200,21 +189,18 @@ class KernelPool:
         if shutdown:
             kernel.shutdown(now=True)
 
-    def _forget(self, kernel: KernelBase) -> None:
+    def _forget(self, kernel: Kernel) -> None:
         """Drop a kernel from the table (lock held); release the env's lock when its key has none left."""
         kernels = self._kernels.get(kernel.slot, [])
         if kernel in kernels:
             kernels.remove(kernel)
-        if not kernels:
-            self._kernels.pop(kernel.slot, None)
-            cache = self._key_cache.pop(kernel.slot, None)
-            if cache is not None:
-                cache.release(kernel.key)
+        if not kernels and self._kernels.pop(kernel.slot, None) is not None:
+            kernel.release_slot()
         self._cond.notify_all()
 
     @contextmanager
     def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1, progress: Progress = log.info,
-              machine_type: str | None = None, host: str | None = None) -> Iterator[KernelBase]:
+              machine_type: str | None = None, host: str | None = None) -> Iterator[Kernel]:
         """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
         kernel = self.acquire(spec, max_kernels, progress, machine_type, host)
         try:
@@ -224,7 +210,7 @@ class KernelPool:
 
     # -- the client path shared by the decorator and the magics (they lease, then call/execute) --
 
-    def call(self, spec: EnvSpec, frames: list, sink: OutputSink, *, keep_alive: float,
+    def call(self, spec: EnvSpec, frames: Frames, sink: OutputSink, *, keep_alive: float,
              max_kernels: int = 1, progress: Progress = log.info, machine_type: str | None = None,
              chain: tuple[str, ...] = (), host: str | None = None) -> Reply:
         """Run a pickled call on a warm kernel of ``spec``'s key.
@@ -236,16 +222,16 @@ class KernelPool:
         nested = self._nested_calls((*chain, spec.key))
         try:
             with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host) as kernel:
-                return kernel.call(frames, sink, self.config.interrupt_grace, nested=nested)
-        except NotStarted:
+                return kernel.call(frames, sink, self.config.interrupt_grace, nested)
+        except NotStartedError:
             pass
         with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host) as kernel:
-            return kernel.call(frames, sink, self.config.interrupt_grace, nested=nested)
+            return kernel.call(frames, sink, self.config.interrupt_grace, nested)
 
     def _nested_calls(self, chain: tuple[str, ...]) -> NestedHandler:
         """Serve isolated calls made inside a call: the host brokers them, so kernels never start kernels."""
 
-        def handle(frames: list, sink: OutputSink) -> tuple[bytes, list]:
+        def handle(frames: Frames, sink: OutputSink) -> tuple[bytes, Frames]:
             try:
                 options, fn, args, kwargs = loads(frames)
                 spec = make_spec(options.get("requirements", ()))
@@ -292,9 +278,8 @@ class KernelPool:
                         wait = min(wait, max(0.0, min(deadlines) - now))
                     self._cond.wait(timeout=max(wait, 0.005))
                     continue
-            for k in expired:
-                log.debug("culling kernel %s of environment %s", k.id, k.key)
-                k.shutdown()
+            log.debug("culling kernels %s", ", ".join(k.id for k in expired))
+            _shut_down_all(expired)  # at once: kernels that expire together end together
 
     def shutdown(self, keys: list[str] | None = None, kernel_ids: list[str] | None = None) -> list[str]:
         """Shut down kernels now, in parallel, and return their ids: those of ``keys`` (key prefixes),
@@ -315,11 +300,7 @@ class KernelPool:
         for k in victims:
             if k not in idle:  # busy or starting: its caller's thread owns the client; kill, and let it report
                 k.kill("it was shut down while this call ran")
-        threads = [threading.Thread(target=k.shutdown, daemon=True) for k in idle]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=10)
+        _shut_down_all(idle)
         return [k.id for k in victims]
 
     def close(self) -> None:
@@ -343,6 +324,24 @@ class KernelPool:
                            machine_type=k.machine_type, host=k.host)
                 for ks in self._kernels.values() for k in ks
             ]
+
+
+def _shut_down_all(kernels: list[Kernel]) -> None:
+    """Shut kernels down in parallel, one thread each, and wait for them (bounded)."""
+    threads = []
+    for index, kernel in enumerate(kernels):
+        thread = threading.Thread(target=kernel.shutdown, name=f"fal_magic-shutdown-{kernel.id}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            # Python 3.12+ refuses new threads once the interpreter is shutting down, which is when
+            # atexit runs close(): the remaining kernels are then shut down here, one after another.
+            for rest in kernels[index:]:
+                rest.shutdown()
+            break
+        threads.append(thread)
+    for thread in threads:
+        thread.join(timeout=10)
 
 
 RUNTIME_PREFIX = "fal_magic-"

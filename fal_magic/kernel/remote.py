@@ -17,7 +17,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import websocket
 from jupyter_client.session import Session
@@ -25,8 +26,9 @@ from jupyter_client.session import Session
 from ..envs import EnvSpec
 from ..errors import AuthenticationError, EnvironmentBuildError, FalMagicError, KernelDiedError, KernelStartError
 from ..outputs import OutputSink
-from .base import (BOOTSTRAP, LIVENESS_PERIOD, KernelBase, NestedHandler, NotStarted, Reply, check_hello,
-                   comm_open, forward_output, is_hello, msg_counter, runtime_reply)
+from .contract import Frames, Kernel, Message, NestedHandler, NotStartedError, Progress, Reply
+from .protocol import BOOTSTRAP, LIVENESS_PERIOD, check_hello, comm_open, is_hello, msg_counter
+from .request import serve
 
 WS_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 
@@ -93,21 +95,21 @@ class _BinaryFrame(websocket.ABNF):
     def __init__(self, data: bytes) -> None:
         super().__init__(1, 0, 0, 0, websocket.ABNF.OPCODE_BINARY, 1, data)
 
-    def _get_masked(self, mask_key: bytes) -> Any:
-        if len(self.data) < self.NUMPY_MIN:
+    def _get_masked(self, mask_key: str | bytes) -> Any:
+        if len(self.data) < self.NUMPY_MIN or not isinstance(mask_key, bytes):
             return super()._get_masked(mask_key)
         try:
             import numpy as np
         except ImportError:
             return super()._get_masked(mask_key)
-        data = np.frombuffer(self.data, dtype=np.uint8)
+        data = np.frombuffer(cast(bytes, self.data), dtype=np.uint8)
         out = np.empty(4 + data.size, dtype=np.uint8)
         out[:4] = np.frombuffer(mask_key, dtype=np.uint8)
         whole = data.size // 4 * 4
         np.bitwise_xor(data[:whole].view(np.uint32), np.frombuffer(mask_key, dtype=np.uint32)[0],
                        out=out[4:4 + whole].view(np.uint32))
         out[4 + whole:] = data[whole:] ^ out[:data.size - whole]
-        return memoryview(out)
+        return out.data
 
 
 class ServerError(FalMagicError):
@@ -220,7 +222,7 @@ def _server_message(exc: urllib.error.HTTPError) -> str:
         return ""
 
 
-class RemoteKernel(KernelBase):
+class RemoteKernel(Kernel):
     """One kernel on a Jupyter Server, driven over its websocket. Leased to one caller at a time; a
     reader thread moves incoming messages to an inbox, so waiting on it stays interruptible."""
 
@@ -236,9 +238,10 @@ class RemoteKernel(KernelBase):
 
     # -- life cycle ----------------------------------------------------------------------
 
-    def start(self, spec: EnvSpec, progress: Callable[[str], None], timeout: float) -> None:
+    def start(self, spec: EnvSpec, progress: Progress, timeout: float) -> None:
         """Build the env on the server, start a kernel there, connect, and load the runtime."""
         kernel_name = self.server.build_env(spec, progress)
+        started = time.perf_counter()
         self.remote_id = self.server.start_kernel(kernel_name)
         try:
             self.ws = self.server.connect(self.remote_id, timeout)
@@ -259,6 +262,8 @@ class RemoteKernel(KernelBase):
             if isinstance(exc, FalMagicError) or not isinstance(exc, Exception):
                 raise
             raise KernelStartError(f"the kernel on {self.host} did not become ready: {exc}") from None
+        progress(f"kernel {self.id} started on environment {spec.key} at {self.host} "
+                 f"in {time.perf_counter() - started:.2f}s")
 
     def _read(self, ws: websocket.WebSocket) -> None:
         """Reader thread: decode each websocket message into the inbox; note a death or a closed line."""
@@ -272,8 +277,8 @@ class RemoteKernel(KernelBase):
                 continue
             channel, parts = unpack_v1(data)
             header, parent, _, content = (json.loads(bytes(p)) for p in parts[:4])
-            m = {"header": header, "parent_header": parent, "msg_type": header.get("msg_type"),
-                 "content": content, "buffers": parts[4:]}
+            m: Message = {"header": header, "parent_header": parent, "msg_type": header.get("msg_type", ""),
+                          "content": content, "buffers": list(parts[4:])}
             if channel == "iopub" and m["msg_type"] == "status" and \
                     content.get("execution_state") in ("restarting", "dead"):
                 reason = f"the server reports the kernel {content['execution_state']} (its process ended)"
@@ -282,22 +287,19 @@ class RemoteKernel(KernelBase):
         self._death = reason
         self._inbox.put((_DEATH, reason))
 
-    def _send(self, channel: str, msg: dict, buffers: Iterable[Any] = ()) -> str:
+    def _send(self, channel: str, msg: dict[str, Any], buffers: Iterable[Any] = ()) -> str:
+        if self.ws is None:
+            raise NotStartedError(f"the kernel on {self.host} is not connected")
         pack = self.session.pack
         parts = [pack(msg["header"]), pack(msg["parent_header"]), pack(msg["metadata"]), pack(msg["content"]),
                  *buffers]
         try:
             self.ws.send_frame(_BinaryFrame(pack_v1(channel, parts)))
         except (OSError, websocket.WebSocketException) as exc:
-            raise NotStarted(f"the connection to the kernel on {self.host} is gone: {exc}") from None
+            raise NotStartedError(f"the connection to the kernel on {self.host} is gone: {exc}") from None
         return msg["header"]["msg_id"]
 
-    def _died(self, reason: str, when: str, begun: bool) -> KernelDiedError:
-        self.state = "dead"
-        message = f"the kernel {self.remote_id} on {self.host} died {when}: {self.kill_reason or reason}"
-        return (KernelDiedError if begun else NotStarted)(message)
-
-    def _wait(self, timeout: float, wanted: Callable[[str, dict], bool]) -> dict:
+    def _wait(self, timeout: float, wanted: Callable[[str, Message], bool]) -> Message:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -312,11 +314,13 @@ class RemoteKernel(KernelBase):
             if wanted(channel, m):
                 return m
 
-    def alive(self) -> bool:
+    def is_alive(self) -> bool:
         """Whether the kernel is still there as far as its websocket tells (no network round trip)."""
         return self.ws is not None and self._death is None
 
     def _delete(self) -> None:
+        if self.remote_id is None:
+            return
         try:
             self.server.delete_kernel(self.remote_id)
         except FalMagicError:
@@ -330,7 +334,7 @@ class RemoteKernel(KernelBase):
 
     def interrupt(self) -> None:
         """Ask the server to interrupt the kernel (SIGINT there): KeyboardInterrupt in the running code."""
-        if self.remote_id is not None and self.alive():
+        if self.remote_id is not None and self.is_alive():
             try:
                 self.server.interrupt_kernel(self.remote_id)
             except FalMagicError:
@@ -353,12 +357,10 @@ class RemoteKernel(KernelBase):
 
     # -- requests --------------------------------------------------------------------------
 
-    def call(self, frames: list, sink: OutputSink, interrupt_grace: float, op: str = "call",
-             nested: NestedHandler | None = None, **fields: Any) -> Reply:
-        """Send a runtime request (see ``WarmKernel.call``); frames over ``CHUNK`` go ahead in parts.
-        Nested isolated calls are not brokered for a remote kernel (the runtime says so)."""
-        if op == "call":
-            self.calls += 1
+    def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
+                         nested: NestedHandler | None = None, **fields: Any) -> Reply:
+        """Frames over ``CHUNK`` go ahead in parts. Nested isolated calls are not brokered for a
+        remote kernel (the runtime refuses them with a clear error)."""
         frames = list(frames)
         parts = []
         for index, frame in enumerate(frames):
@@ -371,61 +373,34 @@ class RemoteKernel(KernelBase):
                 parts.append(index)
         msg_id = self._send("shell", self._comm_msg({"op": op, "id": msg_counter(), "parts": parts, **fields}),
                             frames)
-        return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=False)
+        return serve(self, msg_id, sink, grace, "comm")
 
-    def _execute_request(self, code: str, silent: bool) -> dict:
+    def _execute_request(self, code: str, silent: bool) -> dict[str, Any]:
         """An execute_request as ``KernelClient.execute`` makes it (a silent one stays out of history)."""
         return self.session.msg("execute_request", {
             "code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": True})
 
-    def _comm_msg(self, data: dict) -> dict:
+    def _comm_msg(self, data: dict[str, Any]) -> dict[str, Any]:
         return self.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
 
-    def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
-        """Run cell source in the kernel's namespace; return the execute_reply content."""
+    def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
         self.calls += 1
         msg_id = self._send("shell", self._execute_request(code, silent=False))
-        return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
+        return serve(self, msg_id, sink, grace, "shell")
 
-    def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool) -> Reply:
-        """Forward outputs until the request is done (result and idle, or execute_reply and idle);
-        Ctrl-C interrupts the kernel through the server."""
-        interrupted_at: float | None = None
-        begun = idle = False
-        result: Reply | None = None
-        shell_reply: dict | None = None
+    # -- the transport of the request loop ----------------------------------------------------
+
+    def next_event(self, timeout: float, sink: OutputSink,
+                   nested: NestedHandler | None) -> tuple[str, Any] | None:
         try:
-            while True:
-                try:
-                    try:
-                        channel, m = self._inbox.get(timeout=LIVENESS_PERIOD)
-                    except queue.Empty:
-                        channel = m = None
-                    if channel == _DEATH:
-                        raise self._died(m, "during the call", begun)
-                    self._check_grace(interrupted_at, grace)
-                    if m is None or m["parent_header"].get("msg_id") != msg_id:
-                        continue
-                    begun = True
-                    if channel == "shell":
-                        shell_reply = m
-                    elif channel == "iopub":
-                        kind, content = m["msg_type"], m["content"]
-                        if forward_output(kind, content, sink):
-                            continue
-                        if runtime_reply(kind, content):
-                            result = Reply(content["data"], m["buffers"])
-                        elif kind == "status" and content["execution_state"] == "idle":
-                            idle = True
-                    if idle and (shell_reply is not None or not expect_shell_reply):
-                        break
-                except KeyboardInterrupt:
-                    interrupted_at = self._ctrl_c(interrupted_at)
-            if expect_shell_reply:
-                result = Reply(shell_reply["content"])
-            if result is None:
-                raise KernelDiedError("the kernel finished the request without a reply from the fal_magic runtime")
-            return result
-        finally:
-            self.last_used = time.time()
+            channel, m = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return None if channel == _DEATH else (channel, m)
+
+    def raise_if_dead(self, when: str) -> None:
+        if self._death is not None:
+            self.state = "dead"
+            raise KernelDiedError(f"the kernel {self.remote_id} on {self.host} died {when}: "
+                                  f"{self.kill_reason or self._death}")

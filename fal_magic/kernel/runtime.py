@@ -111,6 +111,14 @@ def shm_locate(buffer: Any, segments: dict) -> "tuple[str, int] | None":
     return None
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach a PEP 678 note to ``exc``."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # Python 3.10 has no add_note; the same __notes__ list is shown by IPython's tracebacks
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
 def type_name(obj_or_type: Any) -> str:
     """``module.Qualname`` of a type (or of an object's type); builtins without the module."""
     cls = obj_or_type if isinstance(obj_or_type, type) else type(obj_or_type)
@@ -157,21 +165,44 @@ def _code_digest(code: Any, h: Any) -> None:
             h.update(repr(const).encode())
 
 
-def _code_key(fn: Callable) -> str:
-    """A digest of a function's code: the same for every copy of it that arrives by value."""
+def _function_key(fn: Callable) -> str:
+    """A digest of what a function computes with: its code, and the values that make two functions
+    of the same code differ (closure cells, defaults, the globals its code names). The same for every
+    copy of it that arrives by value; different for two closures of one factory."""
     code = getattr(fn, "__code__", None)
     if code is None:
         return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
     h = hashlib.sha256()
     _code_digest(code, h)
+    cells = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            cells.append(None)
+    fn_globals = getattr(fn, "__globals__", {})
+    names = sorted(_global_names(code) & fn_globals.keys())
+    read = [(n, fn_globals[n]) for n in names if not isinstance(fn_globals[n], type(sys))]  # modules aside
+    h.update(cloudpickle.dumps((cells, fn.__defaults__, fn.__kwdefaults__, read), protocol=PROTOCOL))
     return h.hexdigest()
+
+
+def _global_names(code: Any) -> set:
+    """The global names a code object (and the code nested in it) may read."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= _global_names(const)
+    return names
 
 
 class cached:  # noqa: N801 - used as a decorator, named like one
     """Keep a function's results, per arguments, in the process it runs in (a warm kernel).
 
-    Keyed by the function's code, not its identity, so that it holds even though the function
-    travels anew with every isolated call; the results die with the kernel.
+    Keyed by the function's code and the values it closes over (not its identity), so that it holds
+    even though the function travels anew with every isolated call, and two closures of one factory
+    do not share results. An identity that cannot be computed (unpicklable closure values) means no
+    caching. The results die with the kernel.
     """
 
     __module__ = MODULE_NAME
@@ -182,8 +213,8 @@ class cached:  # noqa: N801 - used as a decorator, named like one
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            key = (_code_key(self.fn), cloudpickle.dumps((args, sorted(kwargs.items())), protocol=PROTOCOL))
-        except Exception:  # unpicklable arguments: no caching, just the call
+            key = (_function_key(self.fn), cloudpickle.dumps((args, sorted(kwargs.items())), protocol=PROTOCOL))
+        except Exception:  # unpicklable arguments or closure values: no caching, just the call
             return self.fn(*args, **kwargs)
         with _cache_lock:
             if key in _cache:
@@ -232,8 +263,8 @@ class _Broker:
         import zmq
 
         self.key = key
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.linger = 0
+        self.socket: Any = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
 
     def call(self, options: dict, fn: Callable, args: tuple, kwargs: dict) -> Any:
@@ -253,7 +284,7 @@ class _Broker:
                 exc = None
             if not isinstance(exc, BaseException):
                 exc = NestedCallError(f"{first['type']}: {first['message']}")
-            exc.add_note("--- traceback of the nested isolated call ---\n" + payload["traceback"].rstrip())
+            add_note(exc, "--- traceback of the nested isolated call ---\n" + payload["traceback"].rstrip())
             raise exc
         raise NestedCallError(bytes(frames[0]).decode() if frames else "nested call failed")
 
@@ -278,8 +309,8 @@ class _FastChannel:
         self.zmq = zmq
         self.runtime = runtime
         self.key = key
-        self.socket = zmq.Context.instance().socket(zmq.PAIR)
-        self.socket.linger = 0
+        self.socket: Any = zmq.Context.instance().socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(address)
         asyncio.get_running_loop().add_reader(self.socket.getsockopt(zmq.FD), self.on_readable)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import cloudpickle
 
 from ..errors import RemoteError, SerializationError
-from .runtime import describe_exception, dumps, loads, type_name
+from .runtime import add_note, describe_exception, dumps, loads, type_name
 
 __all__ = ["dump_call", "dump_values", "load_result", "rebuild_exception", "describe_exception", "dumps", "loads"]
 
@@ -200,7 +200,7 @@ def rebuild_exception(payload: dict, requirements: Sequence[str] = (), fn: Calla
     if isinstance(top, RemoteError):
         top.traceback_text = text
     else:
-        top.add_note("\n--- traceback in the isolated kernel ---\n" + text.rstrip())
+        add_note(top, "\n--- traceback in the isolated kernel ---\n" + text.rstrip())
     if links[0]["type"] == "ModuleNotFoundError":
         missing = getattr(top, "name", None) or links[0]["message"]
         have = ", ".join(requirements) if requirements else "none"
@@ -209,5 +209,5 @@ def rebuild_exception(payload: dict, requirements: Sequence[str] = (), fn: Calla
         if isinstance(top, RemoteError):
             top.traceback_text = text.rstrip() + "\n" + top_note
         else:
-            top.add_note(top_note)
+            add_note(top, top_note)
     return top

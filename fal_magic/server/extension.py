@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +16,7 @@ from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
+from packaging.version import InvalidVersion, Version
 from tornado import web
 from tornado.ioloop import PeriodicCallback
 from traitlets import Dict, Float, Unicode
@@ -24,7 +27,7 @@ from ..envs import EnvCache, EnvSpec, make_spec
 from ..envs.cache import ensure_private_dir
 from ..envs.spec import host_python
 from ..errors import FalMagicError
-from ..kernel.base import kernel_argv, kernel_env
+from ..kernel.protocol import kernel_argv, kernel_env
 from ..kernel.runtime import REMOTE_ENV
 
 #: Kernelspecs made here are named ``fal_magic-<key>``; the culler looks after kernels of those only.
@@ -77,9 +80,7 @@ class FalMagicServer(LoggingConfigurable):
             "metadata": {**self.kernelspec_metadata,
                          "fal_magic": {"key": spec.key, "requirements": list(spec.requirements)}},
         }
-        tmp = spec_dir / "kernel.json.tmp"
-        tmp.write_text(json.dumps(kernel_json, indent=1))
-        tmp.replace(spec_dir / "kernel.json")
+        _write_if_changed(spec_dir / "kernel.json", json.dumps(kernel_json, indent=1))
         return name
 
     async def cull_orphans(self, kernel_manager: Any) -> None:
@@ -107,6 +108,29 @@ class FalMagicServer(LoggingConfigurable):
             del self._unheld_since[kid]
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically, unless it holds that already. Concurrent requests for
+    one environment each write their own temporary file, so their renames cannot race."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+#: Bounds on a request: a requirement list longer than this is refused before anything is built.
+MAX_REQUIREMENTS = 1000
+MAX_REQUIREMENT_LENGTH = 2000
+
+
 class EnvsHandler(APIHandler):
     """``POST /fal_magic/api/envs`` with ``{"requirements", "python", "cloudpickle"}``: JSON lines of
     ``{"progress"}``, then ``{"kernel_name", "key"}`` or ``{"error", "type"}``."""
@@ -121,9 +145,20 @@ class EnvsHandler(APIHandler):
     @authorized
     async def post(self) -> None:
         body = self.get_json_body() or {}
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "expected a JSON object with requirements, python and cloudpickle")
         requirements, python, cloudpickle = body.get("requirements"), body.get("python"), body.get("cloudpickle")
-        if not isinstance(requirements, list) or not isinstance(python, str) or not isinstance(cloudpickle, str):
-            raise web.HTTPError(400, "expected JSON with requirements (a list), python and cloudpickle (strings)")
+        if not isinstance(requirements, list) or not all(isinstance(r, str) for r in requirements) \
+                or not isinstance(python, str) or not isinstance(cloudpickle, str):
+            raise web.HTTPError(400, "expected JSON with requirements (a list of strings), python and "
+                                     "cloudpickle (strings)")
+        if len(requirements) > MAX_REQUIREMENTS or any(len(r) > MAX_REQUIREMENT_LENGTH for r in requirements):
+            raise web.HTTPError(400, f"at most {MAX_REQUIREMENTS} requirements of at most "
+                                     f"{MAX_REQUIREMENT_LENGTH} characters each")
+        try:
+            Version(cloudpickle)
+        except InvalidVersion:
+            raise web.HTTPError(400, f"cloudpickle must be a version number, not {cloudpickle[:80]!r}") from None
         if python != host_python():
             raise web.HTTPError(409, f"this server runs {host_python()} and the host {python}: pickled functions "
                                      "cannot cross between Python versions")
@@ -135,8 +170,11 @@ class EnvsHandler(APIHandler):
         self.set_header("Cache-Control", "no-cache")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        build = loop.run_in_executor(None, self.ext.prepare, spec,
-                                     lambda text: loop.call_soon_threadsafe(events.put_nowait, {"progress": text}))
+
+        def progress(text: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, {"progress": text})
+
+        build = loop.run_in_executor(None, self.ext.prepare, spec, progress)
         getter: asyncio.Future | None = None
         while not build.done():
             getter = getter or asyncio.ensure_future(events.get())
@@ -167,7 +205,7 @@ def _without_nagle(base: type) -> type:
     each round trip on Linux); jupyter_server leaves the kernel websocket's TCP_NODELAY unset.
     """
 
-    class FalMagicConnection(base):  # type: ignore[misc, valid-type]
+    class FalMagicConnection(base):
         def connect(self) -> Any:
             kernel_name = str(getattr(self.kernel_manager, "kernel_name", ""))
             handler = self.websocket_handler

@@ -1,10 +1,9 @@
-"""WarmKernel: one ipykernel on an environment's Python, driven through jupyter_client.
+"""LocalKernel: one ipykernel on this machine, on an environment's Python, driven through jupyter_client.
 
-It starts the kernel over the IPC transport, sends the runtime in, and then serves one request at a
-time: a pickled call (on the runtime's fast channel, or as a comm message with binary buffers),
-a push/pull of variables (comm), or a cell (an execute_request). While it waits it forwards the
-request's outputs to a sink, serves nested isolated calls, watches that the process is alive, and
-turns Ctrl-C into an interrupt of the kernel.
+It starts the kernel over the IPC transport and sends the runtime in. Its transport for the request
+loop (``request.serve``) polls the kernel's iopub and shell sockets, the runtime's fast channel (calls
+without the Jupyter shell round) and the broker socket on which the running function asks for nested
+isolated calls; liveness is read from the child process.
 """
 from __future__ import annotations
 
@@ -16,18 +15,20 @@ import time
 import uuid
 from pathlib import Path
 from queue import Empty
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
-from ..envs import Env
+from ..envs import EnvCache, EnvSpec
 from ..errors import KernelDiedError, KernelStartError
 from ..outputs import OutputSink
 from . import runtime
-from .base import (BOOTSTRAP, LIVENESS_PERIOD, KernelBase, NestedHandler, NotStarted, Reply, check_hello,
-                   comm_open, forward_output, is_hello, kernel_argv, kernel_env, msg_counter, runtime_reply)
+from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
+from .protocol import BOOTSTRAP, LIVENESS_PERIOD, check_hello, comm_open, is_hello, kernel_argv, kernel_env, msg_counter
+from .request import serve
 
 #: One zmq context for every kernel's sockets. Its sockets do not linger: a request left unsent to a
 #: kernel that died must not block closing them (a context's term() would wait for it forever).
@@ -64,13 +65,13 @@ def _tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
-class WarmKernel(KernelBase):
-    """One kernel process on this machine and its client. Not thread-safe: the pool leases it to one
-    caller at a time."""
+class LocalKernel(Kernel):
+    """One kernel process on this machine, a child of the host, and its client."""
 
-    def __init__(self, key: str, requirements: tuple[str, ...], runtime_dir: Path,
+    def __init__(self, key: str, requirements: tuple[str, ...], cache: EnvCache, runtime_dir: Path,
                  shm_dir: Path | None = None) -> None:
         super().__init__(key, requirements)
+        self.cache = cache
         self.runtime_dir = runtime_dir
         self.shm_dir = shm_dir
         self.log_path = runtime_dir / f"kernel-{self.id}.log"
@@ -78,11 +79,15 @@ class WarmKernel(KernelBase):
         self.fast: Any = None
         self.km: KernelManager | None = None
         self.kc: Any = None
+        self._poller: zmq.Poller | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
-    def start(self, env: Env, timeout: float) -> None:
-        """Launch the kernel on ``env`` and wait until the runtime answers; KernelStartError otherwise."""
+    def start(self, spec: EnvSpec, progress: Progress, timeout: float) -> None:
+        """Get the environment from the cache (building it once), launch the kernel on it over IPC,
+        and wait until the runtime answers."""
+        env = self.cache.get(spec, progress)
+        started = time.perf_counter()
         km = KernelManager(
             kernel_name=f"env-{env.key}",
             kernel_spec_manager=_EnvKernelSpecs(env.python),
@@ -112,7 +117,7 @@ class WarmKernel(KernelBase):
             raise KernelStartError(f"could not launch a kernel on {env.python}: {exc}") from None
         finally:
             log.close()
-        self.pid = km.provisioner.pid if km.provisioner is not None else None
+        self.pid = getattr(km.provisioner, "pid", None)
         try:
             self.kc = km.client(context=_CONTEXT)
             self.kc.start_channels()
@@ -126,6 +131,11 @@ class WarmKernel(KernelBase):
             raise KernelStartError(
                 f"kernel on {env.python} did not become ready: {exc}" + (f"\nkernel log:\n{tail}" if tail else "")
             ) from None
+        progress(f"kernel {self.id} started on environment {spec.key} in {time.perf_counter() - started:.2f}s")
+
+    def release_slot(self) -> None:
+        """The pool holds no kernel of this key any more: the environment may be removed again."""
+        self.cache.release(self.key)
 
     def _bootstrap(self, timeout: float, fast_address: str) -> None:
         """Send the runtime in, open its comm, and check the kernel's Python against the host's."""
@@ -147,11 +157,11 @@ class WarmKernel(KernelBase):
             self.fast = _CONTEXT.socket(zmq.PAIR)
             self.fast.connect(fast_address)
 
-    def _shell_reply(self, msg_id: str, timeout: float) -> dict:
+    def _shell_reply(self, msg_id: str, timeout: float) -> Message:
         return self._wait(self.kc.shell_channel, timeout, "while waiting for a reply",
                           lambda m: m["parent_header"].get("msg_id") == msg_id)
 
-    def _wait(self, channel: Any, timeout: float, when: str, wanted: Callable[[dict], bool]) -> dict:
+    def _wait(self, channel: Any, timeout: float, when: str, wanted: Callable[[Message], bool]) -> Message:
         """The first message on ``channel`` that is ``wanted``, watching the kernel's liveness."""
         deadline = time.monotonic() + timeout
         while True:
@@ -161,7 +171,7 @@ class WarmKernel(KernelBase):
             try:
                 m = channel.get_msg(timeout=min(remaining, LIVENESS_PERIOD))
             except Empty:
-                self._check_alive(when)
+                self.raise_if_dead(when)
                 continue
             if wanted(m):
                 return m
@@ -182,7 +192,7 @@ class WarmKernel(KernelBase):
         """The kernel's Popen when it was launched locally, else None."""
         return getattr(self.km.provisioner, "process", None) if self.km and self.km.provisioner else None
 
-    def alive(self) -> bool:
+    def is_alive(self) -> bool:
         """Whether the kernel process still runs: a cheap poll of the child, and on Linux its state
         (a killed process can linger as a zombie leader, unreaped, while its threads wind down)."""
         if self.km is None or self.km.provisioner is None:
@@ -208,8 +218,8 @@ class WarmKernel(KernelBase):
         except Exception:
             return proc.returncode
 
-    def _check_alive(self, when: str) -> None:
-        if self.alive():
+    def raise_if_dead(self, when: str) -> None:
+        if self.is_alive():
             return
         self.state = "dead"
         code = self.exit_code()
@@ -240,7 +250,7 @@ class WarmKernel(KernelBase):
 
     def interrupt(self) -> None:
         """SIGINT to the kernel (its own process group): raises KeyboardInterrupt in the running code."""
-        if self.km is not None and self.alive():
+        if self.km is not None and self.is_alive():
             self.km.interrupt_kernel()
 
     def shutdown(self, now: bool = False) -> None:
@@ -254,7 +264,7 @@ class WarmKernel(KernelBase):
         if self.km is not None:
             try:
                 if self.km.has_kernel:
-                    self.km.shutdown_kernel(now=now or not self.alive())
+                    self.km.shutdown_kernel(now=now or not self.is_alive())
             except Exception:
                 pass
             try:
@@ -277,24 +287,12 @@ class WarmKernel(KernelBase):
 
     # -- requests --------------------------------------------------------------------------
 
-    def call(self, frames: list, sink: OutputSink, interrupt_grace: float, op: str = "call",
-             nested: NestedHandler | None = None, **fields: Any) -> Reply:
-        """Send a runtime request: ``call`` (frames from ``wire.dump_call``), ``push`` (a pickled dict of
-        variables) or ``pull`` (``names=[...]``); return the comm reply with its frames.
-
-        ``nested`` serves the isolated calls the function makes while it runs (``None``: refused).
-        """
-        if op == "call":
-            self.calls += 1
-            if self.fast is not None:
-                return self._call_fast(frames, sink, interrupt_grace, nested)
-        msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
-                                               "data": {"op": op, "id": msg_counter(), **fields}})
-        self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
-        return self._serve(msg["header"]["msg_id"], sink, interrupt_grace, expect_shell_reply=False, nested=nested)
-
-    def _call_fast(self, frames: list, sink: OutputSink, grace: float, nested: NestedHandler | None) -> Reply:
-        """A call on the runtime's fast channel; large buffers go through shared memory both ways."""
+    def call(self, frames: Frames, sink: OutputSink, grace: float, nested: NestedHandler | None = None) -> Reply:
+        """A call on the runtime's fast channel when it has one (large buffers through shared memory
+        both ways), else as a comm request."""
+        if self.fast is None:
+            return super().call(frames, sink, grace, nested)
+        self.calls += 1
         frames = list(frames)
         sent: dict[int, list] = {}
         directory = str(self.shm_dir) if self.shm_dir is not None else ""
@@ -310,7 +308,7 @@ class WarmKernel(KernelBase):
             header = json.dumps({"msg_id": msg_id, "id": msg_counter(), "session": self.kc.session.session,
                                  "shm": sent}).encode()
             self.fast.send_multipart([runtime.sign(self.kc.session.key, header), header, *frames], copy=False)
-            reply = self._serve(msg_id, sink, grace, expect_shell_reply=False, nested=nested, fast=True)
+            reply = serve(self, msg_id, sink, grace, "outside", nested)
             placed = reply.content.pop("shm", None) or {}
             if placed:
                 reply.buffers = list(reply.buffers)
@@ -328,17 +326,25 @@ class WarmKernel(KernelBase):
                 except OSError:
                     pass
 
-    def execute(self, code: str, sink: OutputSink, interrupt_grace: float) -> Reply:
-        """Run cell source in the kernel's namespace; return the execute_reply content."""
+    def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
+                         nested: NestedHandler | None = None, **fields: Any) -> Reply:
+        msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
+                                               "data": {"op": op, "id": msg_counter(), **fields}})
+        self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
+        return serve(self, msg["header"]["msg_id"], sink, grace, "comm", nested)
+
+    def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
         self.calls += 1
         msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=False)
-        return self._serve(msg_id, sink, interrupt_grace, expect_shell_reply=True)
+        return serve(self, msg_id, sink, grace, "shell")
 
-    def _recv_iopub(self) -> dict | None:
-        """The next iopub message, if it is signed with the session key, parsed without the date
-        conversion of ``Session.deserialize`` (every call ends with an iopub message: a hot path)."""
+    # -- the transport of the request loop ----------------------------------------------------
+
+    def _recv(self, socket: zmq.Socket) -> Message | None:
+        """The next message on a kernel socket, if it is signed with the session key, parsed without
+        the date conversion of ``Session.deserialize`` (every call ends with an iopub message: a hot path)."""
         try:
-            frames = self.kc.iopub_channel.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
         session = self.kc.session
@@ -349,69 +355,26 @@ class WarmKernel(KernelBase):
         if session.auth is not None and not hmac.compare_digest(session.sign(head), parts[0].bytes):
             return None  # not signed with our key: dropped, as Session.deserialize would refuse it
         header, parent, _, content = (json.loads(b) for b in head)
-        return {"header": header, "parent_header": parent, "msg_type": header.get("msg_type"),
+        return {"header": header, "parent_header": parent, "msg_type": header.get("msg_type", ""),
                 "content": content, "buffers": parts[5:]}
 
-    def _serve(self, msg_id: str, sink: OutputSink, grace: float, expect_shell_reply: bool,
-               nested: NestedHandler | None = None, fast: bool = False) -> Reply:
-        """Forward outputs until the kernel is idle again for ``msg_id``; Ctrl-C interrupts the kernel.
-
-        The lease state (idle/busy) is the pool's business alone; this only ever marks a death.
-        """
-        interrupted_at: float | None = None
-        # whether the kernel may have started the request: the comm path knows (its busy status comes
-        # first); a fast call may have started as soon as it is sent, so it is never retried
-        begun = fast
-        idle = False
-        result: Reply | None = None
-        last_check = time.monotonic()
-        iopub = self.kc.iopub_channel
-        poller = zmq.Poller()
-        poller.register(iopub.socket, zmq.POLLIN)
-        poller.register(self.broker, zmq.POLLIN)
-        if fast:
-            poller.register(self.fast, zmq.POLLIN)
-        try:
-            while True:
-                try:
-                    ready = dict(poller.poll(LIVENESS_PERIOD * 1000))
-                    if self.broker in ready:
-                        self._serve_nested(sink, nested)
-                    if fast and self.fast in ready:
-                        head, *buffers = self.fast.recv_multipart(copy=False)
-                        result = Reply(json.loads(head.bytes), buffers)
-                        if idle:
-                            break
-                    m = self._recv_iopub() if iopub.socket in ready else None
-                    now = time.monotonic()
-                    if not ready or now - last_check >= LIVENESS_PERIOD:
-                        last_check = now
-                        try:
-                            self._check_alive("during the call")
-                        except KernelDiedError as exc:
-                            if begun:
-                                raise
-                            raise NotStarted(str(exc), exit_code=exc.exit_code, stderr_tail=exc.stderr_tail) from None
-                        self._check_grace(interrupted_at, grace)
-                    if m is None or m["parent_header"].get("msg_id") != msg_id:
-                        continue
-                    begun = True
-                    kind = m["msg_type"]
-                    content = m["content"]
-                    if forward_output(kind, content, sink):
-                        pass
-                    elif runtime_reply(kind, content):
-                        result = Reply(content["data"], m.get("buffers", []))
-                    elif kind == "status" and content["execution_state"] == "idle":
-                        idle = True  # every output of the request is out
-                        if result is not None or not fast:
-                            break
-                except KeyboardInterrupt:
-                    interrupted_at = self._ctrl_c(interrupted_at)
-            if expect_shell_reply:
-                result = Reply(self._shell_reply(msg_id, 10.0)["content"])
-            if result is None:
-                raise KernelDiedError("the kernel finished the request without a reply from the fal_magic runtime")
-            return result
-        finally:
-            self.last_used = time.time()
+    def next_event(self, timeout: float, sink: OutputSink,
+                   nested: NestedHandler | None) -> tuple[str, Any] | None:
+        iopub, shell = self.kc.iopub_channel.socket, self.kc.shell_channel.socket
+        if self._poller is None:  # the sockets stay the same for the kernel's life
+            self._poller = zmq.Poller()
+            for sock in (iopub, shell, self.broker, self.fast):
+                if sock is not None:
+                    self._poller.register(sock, zmq.POLLIN)
+        ready = dict(self._poller.poll(int(timeout * 1000)))
+        if self.broker in ready:
+            self._serve_nested(sink, nested)
+        if self.fast is not None and self.fast in ready:
+            head, *buffers = self.fast.recv_multipart(copy=False)
+            return "reply", Reply(json.loads(head.bytes), buffers)
+        for channel, sock in (("iopub", iopub), ("shell", shell)):
+            if sock in ready:
+                m = self._recv(sock)
+                if m is not None:
+                    return channel, m
+        return None

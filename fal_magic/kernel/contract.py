@@ -1,0 +1,190 @@
+"""The contract every kind of kernel meets (a local process, a kernel on a Jupyter Server).
+
+The pool and the kernel list hold kernels only through ``Kernel``: they start, lease, call, interrupt,
+cull and shut down any kind the same way. A kind supplies its transport (how a message is sent, how
+the next one arrives, whether the process is still there); the bookkeeping of a request lives once,
+in ``request.py``. The typed records below are what host and runtime exchange.
+"""
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+from ..envs import EnvSpec
+from ..errors import KernelDiedError
+from ..outputs import OutputSink
+
+#: A pickled object as frames: the pickle stream, then its out-of-band buffers (``wire.dumps``).
+Frames = list[Any]
+
+#: Receives progress lines while an environment builds or a kernel starts.
+Progress = Callable[[str], None]
+
+#: Serves a nested isolated call: request frames and the caller's sink in, (status, frames) out.
+NestedHandler = Callable[[Frames, OutputSink], "tuple[bytes, Frames]"]
+
+State = Literal["starting", "idle", "busy", "stopping", "dead"]
+
+
+class Message(TypedDict):
+    """A Jupyter message as the host reads it (dates left as strings)."""
+
+    header: dict[str, Any]
+    parent_header: dict[str, Any]
+    msg_type: str
+    content: dict[str, Any]
+    buffers: list[Any]
+
+
+class Hello(TypedDict):
+    """The runtime's first word on its comm: who it is, so versions are checked before any pickle."""
+
+    op: Literal["hello"]
+    pid: int
+    python: list[int]
+    implementation: str
+    cloudpickle: str
+    executable: str
+    fast: bool
+
+
+class RuntimeReply(TypedDict, total=False):
+    """The runtime's answer to one request; the value or the exception travels in the frames."""
+
+    op: Literal["result"]
+    id: int
+    ok: bool
+    type: str  # the result's type name, when ok
+    kind: Literal["exception", "serialization"]  # what went wrong, when not ok
+    message: str  # for a serialization failure
+    shm: dict[str, list[Any]]  # local fast channel: result buffers placed in shared memory
+
+
+class ChainLink(TypedDict):
+    """One exception of a remote chain: its type and message, pickled where possible."""
+
+    type: str
+    message: str
+    pickled: bytes | None
+    link: Literal["cause", "context"] | None
+
+
+class ExceptionRecord(TypedDict):
+    """A remote exception described: its chain, outermost first, and the traceback text."""
+
+    chain: list[ChainLink]
+    traceback: str
+
+
+class NotStartedError(KernelDiedError):
+    """The kernel died before it began the request, so the request did not run and may be retried."""
+
+
+@dataclass
+class Reply:
+    """The end of one request: the runtime's reply (calls, push, pull) or the execute_reply content (cells)."""
+
+    content: dict[str, Any]
+    buffers: list[Any] = field(default_factory=list)
+
+
+def slot_name(key: str, host: str | None) -> str:
+    """The pool's name for a group of kernels: the key, and the host for remote ones."""
+    return key if host is None else f"{key}@{host}"
+
+
+class Kernel(abc.ABC):
+    """One kernel and its client. Leased by the pool to one caller at a time: not thread-safe, except
+    ``kill``, ``is_alive`` and the fields, which any thread may use."""
+
+    #: Where the kernel runs: None for this machine, else the server's URL.
+    host: str | None = None
+
+    def __init__(self, key: str, requirements: tuple[str, ...]) -> None:
+        self.key = key
+        self.requirements = requirements
+        self.id = uuid.uuid4().hex[:12]
+        self.state: State = "starting"
+        self.calls = 0
+        self.started_at = time.time()
+        self.last_used = self.started_at
+        self.deadline = 0.0  # only idle kernels are culled; the pool's release() sets the real deadline
+        self.pid: int | None = None
+        self.machine_type: str | None = None
+        self.kill_reason: str | None = None
+        self.comm_id = uuid.uuid4().hex
+
+    @property
+    def slot(self) -> str:
+        return slot_name(self.key, self.host)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def start(self, spec: EnvSpec, progress: Progress, timeout: float) -> None:
+        """Get ``spec``'s environment, launch the kernel on it and load the runtime; the kernel is
+        then ready for requests. KernelStartError (or EnvironmentBuildError) otherwise, with nothing
+        left running."""
+
+    @abc.abstractmethod
+    def is_alive(self) -> bool:
+        """Whether the kernel process still runs, as far as can be told without a round trip."""
+
+    @abc.abstractmethod
+    def interrupt(self) -> None:
+        """SIGINT to the kernel: KeyboardInterrupt in the running code; the kernel stays."""
+
+    @abc.abstractmethod
+    def kill(self, reason: str) -> None:
+        """End the kernel now, from any thread; the thread serving a request reports ``reason``."""
+
+    @abc.abstractmethod
+    def shutdown(self, now: bool = False) -> None:
+        """Stop the kernel (politely unless ``now``) and remove what it left; safe to call twice."""
+
+    def release_slot(self) -> None:
+        """Called once the pool holds no kernel of this one's slot any more: let go of what the
+        slot kept (a local environment's shared lock). Nothing, by default."""
+
+    # -- requests ------------------------------------------------------------------------
+
+    def call(self, frames: Frames, sink: OutputSink, grace: float, nested: NestedHandler | None = None) -> Reply:
+        """Run a pickled call (frames from ``wire.dump_call``); the runtime's reply with its frames.
+        ``nested`` serves the isolated calls the function makes while it runs (None: refused)."""
+        self.calls += 1
+        return self._runtime_request("call", frames, sink, grace, nested)
+
+    def push(self, frames: Frames, sink: OutputSink, grace: float) -> Reply:
+        """Set variables in the kernel's namespace from a pickled dict (``%%isolated --push``)."""
+        return self._runtime_request("push", frames, sink, grace)
+
+    def pull(self, names: list[str], sink: OutputSink, grace: float) -> Reply:
+        """Fetch variables from the kernel's namespace (``%%isolated --pull``), pickled as a dict."""
+        return self._runtime_request("pull", [], sink, grace, names=names)
+
+    @abc.abstractmethod
+    def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
+        """Run cell source in the kernel's namespace; the execute_reply content."""
+
+    @abc.abstractmethod
+    def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
+                         nested: NestedHandler | None = None, **fields: Any) -> Reply:
+        """Send one request to the runtime's comm and serve it to its end (``request.serve``)."""
+
+    # -- the transport the request loop reads ----------------------------------------------
+
+    @abc.abstractmethod
+    def next_event(self, timeout: float, sink: OutputSink,
+                   nested: NestedHandler | None) -> tuple[str, Any] | None:
+        """The next message for a running request, as ``(channel, Message)``, or ``("reply", Reply)``
+        for a reply that came outside the Jupyter channels; None when nothing came within ``timeout``
+        (or the line to the kernel broke: ``raise_if_dead`` then says so). Serves nested calls."""
+
+    @abc.abstractmethod
+    def raise_if_dead(self, when: str) -> None:
+        """Mark the kernel dead and raise KernelDiedError (saying ``when`` and what is known) if its
+        process is gone."""

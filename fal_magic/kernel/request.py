@@ -1,0 +1,117 @@
+"""The one request loop: serve a request on any kind of kernel until it is done, it died, or it
+never began.
+
+A ``RequestTracker`` consumes the messages of one request and says when it is done; ``serve`` reads
+them from the kernel's transport (``Kernel.next_event``), forwards outputs to the caller, checks
+liveness, and turns Ctrl-C into an interrupt of the kernel, with a grace period after which the
+kernel is given up.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from ..errors import KernelDiedError
+from ..outputs import OutputSink
+from .contract import Kernel, NestedHandler, NotStartedError, Reply
+from .protocol import LIVENESS_PERIOD, forward_output, is_runtime_reply
+
+#: Where the end of a request comes from: the runtime's comm reply on iopub, an execute_reply on the
+#: shell channel, or a reply outside the Jupyter channels (the local fast channel).
+ReplyRoute = Literal["comm", "shell", "outside"]
+
+
+class RequestTracker:
+    """The state of one request: whether the kernel began it, its outputs, its reply, its end.
+
+    A request is done when the kernel is idle again for it (every output is out) and, unless the
+    reply travels on iopub before that idle status, its reply has come.
+    """
+
+    def __init__(self, msg_id: str, route: ReplyRoute, sink: OutputSink) -> None:
+        self.msg_id = msg_id
+        self.route = route
+        self.sink = sink
+        # a reply from outside may be acted on as soon as it is sent, so such a request counts as begun
+        self.begun = route == "outside"
+        self.idle = False
+        self.reply: Reply | None = None
+
+    def feed(self, channel: str, message: Any) -> bool:
+        """Take one event of the transport; True once the request is done."""
+        if channel == "reply":
+            self.reply = message
+        elif message["parent_header"].get("msg_id") == self.msg_id:
+            self.begun = True
+            content = message["content"]
+            if channel == "shell":
+                self.reply = Reply(content)
+            elif channel == "iopub":
+                kind = message["msg_type"]
+                if forward_output(kind, content, self.sink):
+                    pass
+                elif is_runtime_reply(kind, content):
+                    self.reply = Reply(content["data"], message["buffers"])
+                elif kind == "status" and content["execution_state"] == "idle":
+                    self.idle = True
+        return self.idle and (self.reply is not None or self.route == "comm")
+
+    def result(self) -> Reply:
+        if self.reply is None:
+            raise KernelDiedError("the kernel finished the request without a reply from the fal_magic runtime")
+        return self.reply
+
+
+def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: ReplyRoute,
+          nested: NestedHandler | None = None) -> Reply:
+    """Serve the request ``msg_id`` (already sent) on ``kernel`` to its end and return its reply.
+
+    The lease state (idle/busy) is the pool's business alone; this only ever marks a death. A death
+    before the kernel began the request raises NotStartedError (the pool may retry it elsewhere).
+    """
+    tracker = RequestTracker(msg_id, route, sink)
+    interrupted_at: float | None = None
+    last_check = time.monotonic()
+    try:
+        while True:
+            try:
+                event = kernel.next_event(LIVENESS_PERIOD, sink, nested)
+                now = time.monotonic()
+                if event is None or now - last_check >= LIVENESS_PERIOD:
+                    last_check = now
+                    _check_liveness(kernel, tracker.begun)
+                    _check_grace(kernel, interrupted_at, grace)
+                if event is not None and tracker.feed(*event):
+                    return tracker.result()
+            except KeyboardInterrupt:
+                interrupted_at = _ctrl_c(kernel, interrupted_at)
+    finally:
+        kernel.last_used = time.time()
+
+
+def _check_liveness(kernel: Kernel, begun: bool) -> None:
+    try:
+        kernel.raise_if_dead("during the call")
+    except KernelDiedError as exc:
+        if begun:
+            raise
+        raise NotStartedError(str(exc), exit_code=exc.exit_code, stderr_tail=exc.stderr_tail) from None
+
+
+def _ctrl_c(kernel: Kernel, interrupted_at: float | None) -> float:
+    """Ctrl-C while waiting: the first interrupts the kernel (returns when); a second one stops
+    waiting at once and shuts the kernel down."""
+    if interrupted_at is not None:
+        kernel.shutdown(now=True)
+        raise KeyboardInterrupt
+    kernel.interrupt()
+    return time.monotonic()
+
+
+def _check_grace(kernel: Kernel, interrupted_at: float | None, grace: float) -> None:
+    """An interrupted request that has not stopped within ``grace`` seconds costs its kernel."""
+    if interrupted_at is not None and time.monotonic() - interrupted_at > grace:
+        kernel.shutdown(now=True)
+        raise KernelDiedError(
+            f"the interrupted call did not stop within {grace:g}s; its kernel was shut down "
+            "(the next call starts a fresh one)") from KeyboardInterrupt()

@@ -47,8 +47,17 @@ __all__ = [
     "isolated",
     "kernels",
     "load_ipython_extension",
+    "shutdown",
     "unload_ipython_extension",
 ]
+
+
+def shutdown(keys: list[str] | None = None) -> list[str]:
+    """Shut down warm kernels now, from code: those of ``keys`` (requirement keys, or unique
+    prefixes of them), or every one. Returns the ids of the kernels stopped; a busy one's call fails."""
+    from .kernel.pool import get_pool
+
+    return get_pool().shutdown(keys)
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ import concurrent.futures
 import functools
 import logging
 import numbers
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +48,16 @@ _machine_type_warned = False
 
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
+
+
+def _forget_executor_in_child() -> None:
+    """A forked child has none of its parent's threads: it makes its own executor when it needs one."""
+    global _executor, _executor_lock
+    _executor = None
+    _executor_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_executor_in_child)
 
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:

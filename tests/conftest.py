@@ -22,6 +22,8 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 #: The token of the test Jupyter Server, and how long it lets a kernel without a host live.
 TOKEN = "fal-magic-test-token"
 ORPHAN_TIMEOUT = 3
+#: Merged into every kernelspec the test server writes (as a kernel provisioner's settings would be).
+KERNELSPEC_METADATA = {"fal_magic_test": {"provisioner": "none"}}
 
 # Environments are shared by every test of a run (and by the processes the tests start):
 # FAL_MAGIC_TEST_HOME keeps them across runs on a developer's machine.
@@ -137,7 +139,8 @@ def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
          f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
-         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}"],
+         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}",
+         f"--FalMagicServer.kernelspec_metadata={KERNELSPEC_METADATA!r}"],
         env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
     url = f"http://127.0.0.1:{port}"
 

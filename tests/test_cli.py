@@ -69,3 +69,28 @@ def test_demo_shows_cold_warm_and_cull(fal_home):
     text = out.stdout
     assert "cold call" in text and text.count("warm call:") == 3
     assert "culled after" in text and "live kernels now: 0" in text
+
+
+def test_prune_by_age_skips_recent_environments_and_those_in_use(tmp_path):
+    import os
+    import time
+
+    from fal_magic.envs.cache import LAST_USED
+
+    home = tmp_path / "home"
+    cache = EnvCache(home)
+    old, used, recent = make_spec(["humanize==4.16.0"]), make_spec([]), make_spec(["humanize==4.15.0"])
+    for spec in (old, used, recent):
+        cache.get(spec)
+        cache.release(spec.key)
+    cache.get(used)  # this process holds it (a live kernel would): another process must not remove it
+    three_days_ago = time.time() - 3 * 86400
+    for spec in (old, used):
+        os.utime(home / "envs" / spec.key / LAST_USED, (three_days_ago, three_days_ago))
+    try:
+        pruned = cli(home, "envs", "prune", "--older-than", "2")
+    finally:
+        cache.release(used.key)
+    assert pruned.returncode == 0 and pruned.stdout.strip() == f"removed 1 environment(s): {old.key}"
+    left = cli(home, "envs", "list").stdout
+    assert old.key not in left and used.key in left and recent.key in left

@@ -256,7 +256,7 @@ def test_eight_threads_hundred_calls_three_keys_with_culls():
         def tag(i):
             import os
 
-            return i, os.environ["VIRTUAL_ENV"]
+            return i, os.environ["VIRTUAL_ENV"], os.getpid()
 
         return tag
 
@@ -284,12 +284,15 @@ def test_eight_threads_hundred_calls_three_keys_with_culls():
         t.join(timeout=600)
     assert not any(t.is_alive() for t in threads), "deadlock"
     assert errors == []
-    envs = {}
+    envs: dict[int, set] = {}
+    pids: dict[int, set] = {}
     for t, out in results.items():
-        assert [value for _, (value, _) in out] == [t * 1000 + i for i in range(100)]
-        for key, (_, env) in out:
+        assert [value for _, (value, _, _) in out] == [t * 1000 + i for i in range(100)]
+        for key, (_, env, pid) in out:
             envs.setdefault(key, set()).add(env)
+            pids.setdefault(key, set()).add(pid)
     assert all(len(v) == 1 for v in envs.values()) and len({e for v in envs.values() for e in v}) == 3
+    assert any(len(p) > 1 for p in pids.values()), "no kernel was culled and replaced during the run"
 
 
 def _fds() -> int:

@@ -22,7 +22,7 @@ from fal_magic import (
 )
 from fal_magic.kernel import get_pool
 
-from .conftest import pid_alive
+from .conftest import pid_alive, wait_until
 
 SCALE = 7  # a module-level global that functions below use
 
@@ -394,46 +394,49 @@ def test_result_whose_class_exists_only_in_the_env():
 # -- output ---------------------------------------------------------------------------------
 
 
-class _TimedStream:
-    """Records when each piece of text was written, to see output arrive while a call runs."""
+class _WatchedStream:
+    """A stream that keeps what is written and touches ``marker`` once ``trigger`` arrives."""
 
-    def __init__(self):
-        self.writes = []
+    def __init__(self, trigger: str, marker) -> None:
+        self.parts: list[str] = []
+        self.trigger, self.marker = trigger, marker
 
     def write(self, text):
-        self.writes.append((time.monotonic(), text))
+        self.parts.append(text)
+        if self.trigger in text:
+            self.marker.touch()
 
     def flush(self):
         pass
 
     def text(self):
-        return "".join(t for _, t in self.writes)
+        return "".join(self.parts)
 
 
-def test_prints_stream_to_the_caller_while_the_function_runs(monkeypatch):
-    out, err = _TimedStream(), _TimedStream()
+def test_prints_stream_to_the_caller_while_the_function_runs(monkeypatch, tmp_path):
+    marker = tmp_path / "first-line-arrived"
+    out, err = _WatchedStream("first line", marker), _WatchedStream("never", tmp_path / "unused")
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
 
     @isolated
-    def chatty():
+    def chatty(marker):
+        import os
         import sys
         import time
 
-        print("first line")
-        sys.stdout.flush()
-        print("to stderr", file=sys.stderr)
-        time.sleep(2)
-        print("last line")
-        return "done"
+        print("first line", flush=True)
+        print("to stderr", file=sys.stderr, flush=True)
+        for _ in range(1200):  # the host touches the marker when it has shown the first line
+            if os.path.exists(marker):
+                print("last line")
+                return "streamed"
+            time.sleep(0.05)
+        return "the first line reached the caller only after the call"
 
-    chatty.warmup().result(timeout=120)  # start the kernel first, so that timing is the call's alone
-    assert chatty() == "done"
-    ended = time.monotonic()
-    assert "first line\n" in out.text() and "last line\n" in out.text()
+    assert chatty(str(marker)) == "streamed"
+    assert out.text() == "first line\nlast line\n"
     assert "to stderr" in err.text() and "first line" not in err.text()
-    first_at = next(t for t, text in out.writes if "first line" in text)
-    assert ended - first_at > 1.0, "the first print arrived only when the call ended"
 
 
 # -- kernels dying, interrupts, threads -------------------------------------------------------
@@ -514,7 +517,58 @@ def test_warmup_starts_the_kernel_without_calling():
 
 
 def test_public_names():
-    for name in ["isolated", "configure", "FalMagicError", "EnvironmentBuildError", "KernelDiedError",
-                 "KernelStartError", "RemoteError", "SerializationError"]:
-        assert hasattr(fal_magic, name)
-    assert issubclass(SerializationError, FalMagicError)
+    from fal_magic import (AuthenticationError, EnvironmentBuildError, KernelStartError, cached, configure,
+                           kernels)
+
+    for error in (AuthenticationError, EnvironmentBuildError, KernelDiedError, KernelStartError, RemoteError,
+                  SerializationError):
+        assert issubclass(error, FalMagicError) and error.__module__ == "fal_magic.errors"
+    assert callable(isolated) and callable(configure) and callable(kernels) and callable(cached)
+    assert set(fal_magic.__all__) >= {"isolated", "cached", "configure", "kernels", "FalMagicError",
+                                      "AuthenticationError"}
+
+
+def test_shutting_down_a_busy_kernel_fails_its_call_saying_why():
+    @isolated(keep_alive=30)
+    def slow():
+        import time
+
+        time.sleep(60)
+
+    future = slow.submit()
+    assert wait_until(lambda: [k.state for k in get_pool().snapshot()] == ["busy"], timeout=120)
+    assert len(fal_magic.shutdown()) == 1
+    with pytest.raises(KernelDiedError, match="shut down while this call ran"):
+        future.result(timeout=30)
+
+
+def test_the_default_keep_alive_and_configure():
+    @isolated
+    def one():
+        return 1
+
+    one()
+    [info] = get_pool().snapshot()
+    assert 0 < info.seconds_left <= 10  # fal's default
+    get_pool().shutdown()
+    fal_magic.configure(default_keep_alive=600)
+    one()
+    [info] = get_pool().snapshot()
+    assert 590 < info.seconds_left <= 600
+
+
+@pytest.mark.slow
+def test_the_pip_installer_builds_an_environment(tmp_path):
+    import json
+
+    fal_magic.configure(installer="pip", home=str(tmp_path / "home"))
+
+    @isolated(keep_alive=0, requirements=["humanize==4.16.0"])
+    def nice(n):
+        import humanize
+
+        return humanize.intcomma(n)
+
+    assert nice(10**6) == "1,000,000"
+    [marker] = (tmp_path / "home" / "envs").glob("*/fal_magic-env.json")
+    assert json.loads(marker.read_text())["installer"] == "pip"

@@ -42,23 +42,29 @@ def test_keep_alive_zero_shuts_down_right_after_the_call():
 
 
 def test_each_call_restarts_the_timer():
-    pid = _pid_fn(2.5)
+    pid = _pid_fn(4)
     first = pid()
-    for _ in range(3):  # 3 x 1.5 s: past the first call's deadline, but never 2.5 s idle
-        time.sleep(1.5)
-        assert pid() == first
-    assert wait_until(lambda: not pid_alive(first), timeout=10)
+    [info] = get_pool().snapshot()
+    first_deadline = info.deadline
+    assert 0 <= first_deadline - info.last_used - 4 < 0.5  # call end + keep_alive
+    time.sleep(1.0)
+    assert pid() == first
+    [info] = get_pool().snapshot()
+    assert info.deadline > first_deadline  # the second call restarted the timer
+    wait_until(lambda: time.time() > first_deadline + 0.5, timeout=10)  # past the first call's deadline
+    assert pid() == first  # still warm: kept by the second call's deadline
+    assert wait_until(lambda: not pid_alive(first), timeout=20)
 
 
 def test_a_short_keep_alive_never_cuts_short_a_longer_promise():
     long = _pid_fn(30)
     short = long.on(keep_alive=0)
     first = long()
-    assert short() == first  # same key, same kernel
-    time.sleep(1.0)
-    assert pid_alive(first)
     [info] = get_pool().snapshot()
-    assert info.seconds_left > 20
+    promised = info.deadline
+    assert short() == first  # same key, same kernel
+    [info] = get_pool().snapshot()
+    assert info.deadline >= promised and info.seconds_left > 20 and pid_alive(first)
 
 
 def _script(body: str) -> str:

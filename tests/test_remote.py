@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_nested_isolated_call_in_a_remote_kernel_is_a_clear_error(remote):
     def outer():
         return inner()
 
-    with pytest.raises(Exception, match="cannot be called from inside a kernel on a remote server"):
+    with pytest.raises(FalMagicError, match="cannot be called from inside a kernel on a remote server"):
         outer()
 
 
@@ -234,3 +235,41 @@ def test_eight_hosts_asking_for_one_environment_at_once_all_get_it(remote):
     with ThreadPoolExecutor(8) as pool:
         names = list(pool.map(lambda _: ServerClient(remote, TOKEN).build_env(spec, lambda line: None), range(8)))
     assert names == [f"fal_magic-{spec.key}"] * 8
+
+
+def test_a_python_mismatch_is_refused_with_409(remote):
+    import urllib.error
+    import urllib.request
+
+    body = {"requirements": [], "python": "cpython-2.7", "cloudpickle": "3.1.3"}
+    req = urllib.request.Request(remote + "/fal_magic/api/envs", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 409 and "cannot cross between Python versions" in info.value.read().decode()
+
+
+def test_kernelspecs_carry_the_configured_metadata(remote):
+    from .conftest import KERNELSPEC_METADATA
+
+    @isolated(keep_alive=30)
+    def one():
+        return 1
+
+    assert one() == 1
+    [info] = fal_magic.kernels()
+    spec = _api(remote, "/api/kernelspecs")["kernelspecs"][f"fal_magic-{info.key}"]["spec"]
+    assert spec["metadata"]["fal_magic_test"] == KERNELSPEC_METADATA["fal_magic_test"]
+    assert spec["metadata"]["fal_magic"]["key"] == info.key
+
+
+def test_the_orphan_culler_spares_a_kernel_whose_host_is_connected(remote):
+    @isolated(keep_alive=60)
+    def where():
+        import os
+
+        return os.getpid()
+
+    first = where()
+    time.sleep(ORPHAN_TIMEOUT + 3)  # past the orphan timeout, connected all along
+    assert where() == first and len(_api(remote, "/api/kernels")) == 1

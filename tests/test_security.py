@@ -90,7 +90,7 @@ def test_no_plain_tcp_warning_from_the_kernel():
 def test_a_message_with_a_wrong_signature_is_dropped(tmp_path):
     from jupyter_client import BlockingKernelClient
 
-    kernel_pid()
+    before = kernel_pid()
     [cf] = _connection_files()
     marker = tmp_path / "executed"
     code = f"open({str(marker)!r}, 'w').write('x')"
@@ -117,7 +117,7 @@ def test_a_message_with_a_wrong_signature_is_dropped(tmp_path):
         assert marker.exists()
     finally:
         honest.stop_channels()
-    assert kernel_pid()  # the kernel still serves fal_magic
+    assert kernel_pid() == before  # the same kernel still serves fal_magic
 
 
 def test_an_environment_owned_by_another_user_is_refused(tmp_path):

@@ -28,9 +28,14 @@ def test_one_string_is_one_requirement():
     assert make_spec("humanize==4.16.0").requirements == ("humanize==4.16.0",)
 
 
-def test_key_includes_the_host_python():
-    spec = make_spec([])
+def test_key_changes_with_the_python_and_the_cloudpickle_version():
+    import dataclasses
+
+    spec = make_spec(["humanize"])
     assert spec.python.endswith(f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert dataclasses.replace(spec, python="cpython-3.99").key != spec.key
+    assert dataclasses.replace(spec, cloudpickle="0.0.1").key != spec.key
+    assert dataclasses.replace(spec).key == spec.key
 
 
 @pytest.mark.parametrize("bad", ["not a requirement!!", "numpy>>1", ""])

@@ -31,7 +31,7 @@ from packaging.utils import canonicalize_name
 from ..errors import EnvironmentBuildError, FalMagicError
 from .bytecode import link_bytecode
 from .installers import InstallFailed, pick_installer
-from .spec import EnvSpec
+from .spec import EnvSpec, describe_requirements, mask_credentials
 
 MARKER = "fal_magic-env.json"
 LAST_USED = ".fal_magic-last-used"
@@ -182,8 +182,7 @@ class EnvCache:
 
     def _build(self, spec: EnvSpec, path: Path, progress: Progress) -> None:
         """Build in place under the exclusive lock; on any failure remove everything built."""
-        label = ", ".join(spec.requirements) or "no extra requirements"
-        progress(f"building environment {spec.key} ({label})")
+        progress(f"building environment {spec.key} ({describe_requirements(spec.requirements)})")
         started = time.perf_counter()
         if path.exists():
             progress("removing the remains of an unfinished build")
@@ -210,7 +209,7 @@ class EnvCache:
                      f"in {time.perf_counter() - step:.2f}s")
             meta = {
                 "key": spec.key,
-                "requirements": list(spec.requirements),
+                "requirements": [mask_credentials(r) for r in spec.requirements],
                 "python": spec.python,
                 "cloudpickle": spec.cloudpickle,
                 "installer": installer.name,
@@ -220,6 +219,11 @@ class EnvCache:
             tmp = path / (MARKER + ".tmp")
             tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tmp, path / MARKER)
+        except OSError as exc:  # the disk, its inodes, a permission: say so first, as fal_magic's error
+            shutil.rmtree(path, ignore_errors=True)
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise EnvironmentBuildError(f"could not build environment {spec.key}: "
+                                        f"{(exc.strerror or str(exc)).lower()}{where}") from None
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -249,11 +253,14 @@ class EnvCache:
 
     @staticmethod
     def _install_message(spec: EnvSpec, output: str, installer: str) -> str:
+        output = mask_credentials(output)
         lowered = output.lower()
+        if "no space left on device" in lowered:
+            return f"could not install the requirements: no space left on device ({installer} said):\n{output}"
         named = [r for r in spec.requirements
                  if canonicalize_name(Requirement(r).name) in lowered or Requirement(r).name.lower() in lowered]
         culprits = named or list(spec.requirements) or spec.install_list
-        return (f"could not install {', '.join(repr(c) for c in culprits)} "
+        return (f"could not install {describe_requirements(repr(c) for c in culprits)} "
                 f"({installer} failed):\n{output}")
 
     # -- inspecting and pruning ---------------------------------------------------------------

@@ -4,12 +4,18 @@ uv is the default when present: with a warm cache it links packages instead of c
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 
 class InstallFailed(Exception):
@@ -28,11 +34,50 @@ class Installer(Protocol):
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None: ...
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a function for ``preexec_fn`` that has the kernel SIGKILL the installer when the
+    process that started it dies (a killed host must not leave an installer writing into an
+    environment that the next host rebuilds). None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def set_death_signal() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    return set_death_signal
+
+
+_PREEXEC = _die_with_parent()
+
+#: A requirement list longer than this goes to the installer as a file, not as arguments
+#: (the OS limits a command line's length).
+_MAX_ARGS_LENGTH = 16_000
+
+
+@contextmanager
+def requirement_args(requirements: Sequence[str]) -> Iterator[list[str]]:
+    """The installer arguments that name ``requirements``: the strings themselves, or ``-r FILE``
+    for a long list (the file is removed afterwards)."""
+    if sum(len(r) + 1 for r in requirements) <= _MAX_ARGS_LENGTH:
+        yield list(requirements)
+        return
+    fd, path = tempfile.mkstemp(prefix="fal_magic-requirements-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(requirements) + "\n")
+        yield ["-r", path]
+    finally:
+        os.unlink(path)
+
+
 def _run(cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | None = None) -> None:
-    """Run an installer, passing each output line on; kill it if the caller is interrupted."""
+    """Run an installer, passing each output line on; kill it if the caller is interrupted, and
+    (on Linux) when this process dies."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        text=True, env=env,
+        text=True, env=env, preexec_fn=_PREEXEC,
     )
     lines: list[str] = []
     try:
@@ -60,8 +105,8 @@ class UvInstaller:
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None:
         env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
         env.pop("VIRTUAL_ENV", None)
-        _run([self.binary, "pip", "install", "--python", str(python), *requirements],
-             on_line, env)
+        with requirement_args(requirements) as args:
+            _run([self.binary, "pip", "install", "--python", str(python), *args], on_line, env)
 
 
 class PipInstaller:
@@ -70,8 +115,9 @@ class PipInstaller:
     name = "pip"
 
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None:
-        _run([sys.executable, "-m", "pip", "--python", str(python), "install",
-              "--disable-pip-version-check", "--no-input", *requirements], on_line)
+        with requirement_args(requirements) as args:
+            _run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                  "--disable-pip-version-check", "--no-input", *args], on_line)
 
 
 def find_uv() -> str | None:

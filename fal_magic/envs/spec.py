@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,6 +21,24 @@ from ..errors import EnvironmentBuildError
 
 #: What every environment needs so a kernel can run there, besides the user's requirements.
 KERNEL_PACKAGES = ("ipykernel",)
+
+
+_CREDENTIALS = re.compile(r"(?<=://)([^/@\s:]+)(:[^/@\s]*)?@")
+
+
+def mask_credentials(text: str) -> str:
+    """``https://alice:S3CRET@host/x`` -> ``https://alice:****@host/x`` and ``https://TOKEN@host`` ->
+    ``https://****@host`` (as uv shows them): a URL's secret never reaches a progress line or an error."""
+    return _CREDENTIALS.sub(lambda m: f"{m.group(1)}:****@" if m.group(2) else "****@", text)
+
+
+def describe_requirements(requirements: Iterable[str], limit: int = 5) -> str:
+    """Requirements for a message: credentials masked, a long list cut short."""
+    items = [mask_credentials(r) for r in requirements]
+    if not items:
+        return "no extra requirements"
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def host_python() -> str:
@@ -41,7 +60,8 @@ def normalize_requirement(text: str) -> str:
     try:
         req = Requirement(text.strip())
     except InvalidRequirement as exc:
-        raise EnvironmentBuildError(f"invalid requirement {text!r}: {exc}") from None
+        raise EnvironmentBuildError(f"invalid requirement {mask_credentials(repr(text))}: "
+                                    f"{mask_credentials(str(exc))}") from None
     out: str = canonicalize_name(req.name)
     if req.extras:
         out += "[" + ",".join(sorted(canonicalize_name(e) for e in req.extras)) + "]"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import resource
 import signal
 import time
 import uuid
@@ -30,10 +31,20 @@ from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
 from .protocol import BOOTSTRAP, LIVENESS_PERIOD, check_hello, comm_open, is_hello, kernel_argv, kernel_env, msg_counter
 from .request import serve
 
-#: One zmq context for every kernel's sockets. Its sockets do not linger: a request left unsent to a
-#: kernel that died must not block closing them (a context's term() would wait for it forever).
-_CONTEXT = zmq.Context()
-_CONTEXT.setsockopt(zmq.LINGER, 0)
+_context: zmq.Context | None = None
+_context_pid = 0
+
+
+def zmq_context() -> zmq.Context:
+    """One zmq context for every kernel's sockets of this process. Its sockets do not linger: a request
+    left unsent to a kernel that died must not block closing them (term() would wait forever). A
+    forked child gets a context of its own: a zmq context does not survive a fork."""
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        _context = zmq.Context()
+        _context.setsockopt(zmq.LINGER, 0)
+        _context_pid = os.getpid()
+    return _context
 
 
 class _EnvKernelSpecs(KernelSpecManager):
@@ -52,6 +63,40 @@ class _EnvKernelSpecs(KernelSpecManager):
             interrupt_mode="signal",
             argv=kernel_argv(str(self.python)),
         )
+
+
+#: File descriptors a local kernel costs the host (sockets, their signalling pipes, the child's), with room.
+DESCRIPTORS_PER_KERNEL = 16
+
+
+def ensure_descriptors(needed: int) -> None:
+    """Make sure this process can open ``needed`` more file descriptors: raise the soft limit towards
+    the hard one if it must, else KernelStartError saying how to raise it. (libzmq aborts the whole
+    process when it runs out, so this is checked before a kernel starts, not after.)"""
+    try:
+        in_use = len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+    except OSError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = in_use + needed
+    if soft == resource.RLIM_INFINITY or wanted <= soft:
+        return
+    target = wanted * 2 if hard == resource.RLIM_INFINITY else min(hard, max(wanted * 2, 4096))
+    if target >= wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return
+        except (ValueError, OSError):
+            pass
+    raise KernelStartError(
+        f"another kernel needs about {needed} more open files, and this process has {in_use} open of its "
+        f"limit of {soft} (hard limit {hard}): shut idle kernels down (fal_magic.shutdown()), or raise the "
+        "limit before starting Python (e.g. 'ulimit -n 4096')")
+
+
+def _broken_env_hint(key: str) -> str:
+    return (f"If the environment is broken (a package or its Python removed), remove it with "
+            f"'python -m fal_magic envs rm {key}' and call again to rebuild it.")
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -87,17 +132,18 @@ class LocalKernel(Kernel):
         """Get the environment from the cache (building it once), launch the kernel on it over IPC,
         and wait until the runtime answers."""
         env = self.cache.get(spec, progress)
+        ensure_descriptors(DESCRIPTORS_PER_KERNEL)
         started = time.perf_counter()
         km = KernelManager(
             kernel_name=f"env-{env.key}",
             kernel_spec_manager=_EnvKernelSpecs(env.python),
             transport="ipc",
             connection_file=str(self.runtime_dir / f"kernel-{self.id}.json"),
-            context=_CONTEXT,
+            context=zmq_context(),
         )
         km.shutdown_wait_time = 2.0
         self.km = km
-        self.broker = _CONTEXT.socket(zmq.ROUTER)
+        self.broker = zmq_context().socket(zmq.ROUTER)
         broker_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-broker'}"
         self.broker.bind(broker_address)
         fast_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-fast'}"
@@ -114,13 +160,16 @@ class LocalKernel(Kernel):
         try:
             km.start_kernel(env=child_env, stdout=log, stderr=log)
         except Exception as exc:
-            raise KernelStartError(f"could not launch a kernel on {env.python}: {exc}") from None
+            raise KernelStartError(f"could not launch a kernel on {env.python}: {exc}. "
+                                   + _broken_env_hint(env.key)) from None
         finally:
             log.close()
         self.pid = getattr(km.provisioner, "pid", None)
         try:
-            self.kc = km.client(context=_CONTEXT)
-            self.kc.start_channels()
+            self.kc = km.client(context=zmq_context())
+            # shell and iopub only: no stdin (cells run with allow_stdin=False), no heartbeat (liveness
+            # is read from the process), no control (interrupts are signals): fewer descriptors
+            self.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
             self.kc.wait_for_ready(timeout=timeout)
             self._bootstrap(timeout, fast_address)
         except BaseException as exc:
@@ -128,9 +177,11 @@ class LocalKernel(Kernel):
             self.shutdown(now=True)
             if isinstance(exc, KernelStartError) or not isinstance(exc, Exception):
                 raise
+            lines = tail.splitlines()[-15:]
             raise KernelStartError(
-                f"kernel on {env.python} did not become ready: {exc}" + (f"\nkernel log:\n{tail}" if tail else "")
-            ) from None
+                f"the kernel on environment {env.key} did not become ready: {exc}"
+                + ("\nlast lines of its log:\n" + "\n".join(lines) if lines else "")
+                + "\n" + _broken_env_hint(env.key)) from None
         progress(f"kernel {self.id} started on environment {spec.key} in {time.perf_counter() - started:.2f}s")
 
     def release_slot(self) -> None:
@@ -144,8 +195,8 @@ class LocalKernel(Kernel):
         reply = self._shell_reply(msg_id, timeout)
         if reply["content"]["status"] != "ok":
             c = reply["content"]
-            raise KernelStartError(f"fal_magic runtime failed to load in the kernel: {c.get('ename')}: "
-                                   f"{c.get('evalue')}\n" + "\n".join(c.get("traceback", [])))
+            raise KernelStartError(f"the fal_magic runtime failed to load in the kernel: {c.get('ename')}: "
+                                   f"{c.get('evalue')}. " + _broken_env_hint(self.key))
         kc.shell_channel.send(comm_open(kc.session, self.comm_id))
         try:
             hello = self._wait(kc.iopub_channel, timeout, "while starting", is_hello)["content"]["data"]
@@ -154,7 +205,7 @@ class LocalKernel(Kernel):
         check_hello(hello)
         self.pid = hello["pid"]
         if hello.get("fast"):  # the runtime has bound its fast channel
-            self.fast = _CONTEXT.socket(zmq.PAIR)
+            self.fast = zmq_context().socket(zmq.PAIR)
             self.fast.connect(fast_address)
 
     def _shell_reply(self, msg_id: str, timeout: float) -> Message:

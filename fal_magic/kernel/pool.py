@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, make_spec
+from ..envs.spec import mask_credentials
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
 from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, Reply, slot_name
@@ -76,6 +77,7 @@ class KernelPool:
 
     def __init__(self, config: FalMagic | None = None) -> None:
         self._config = config
+        self._owner = os.getpid()  # a forked child must never touch this process's kernels
         self._kernels: dict[str, list[Kernel]] = {}  # by slot: the key, plus the host if remote
         self._caches: dict[Path, EnvCache] = {}
         self._cond = threading.Condition()
@@ -105,7 +107,7 @@ class KernelPool:
             if self._runtime_dir is None:
                 _remove_stale_runtime_dirs()
                 prefix = f"{RUNTIME_PREFIX}{os.getpid()}-"
-                self._runtime_dir = Path(tempfile.mkdtemp(prefix=prefix))
+                self._runtime_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=_runtime_root()))
                 if os.path.isdir(SHM_ROOT) and os.access(SHM_ROOT, os.W_OK):
                     self._shm_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=SHM_ROOT))
             return self._runtime_dir
@@ -304,13 +306,19 @@ class KernelPool:
         return [k.id for k in victims]
 
     def close(self) -> None:
-        """Shut every kernel down and remove the runtime directory (at interpreter exit)."""
+        """Shut every kernel down and remove the runtime directory (at interpreter exit). In a forked
+        child, whose atexit inherited this call, nothing: the kernels and files are the parent's."""
+        if os.getpid() != self._owner:
+            return
         self.shutdown()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
             dirs = (self._runtime_dir, self._shm_dir)
             self._runtime_dir = self._shm_dir = None
+        if self._culler is not None:  # it may be shutting down expired kernels (keep_alive=0): let it end
+            self._culler.join(timeout=15)
+        _close_idle_event_loop()
         for path in dirs:
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
@@ -319,18 +327,42 @@ class KernelPool:
         """The live kernels as plain records, oldest first."""
         with self._cond:
             return [
-                KernelInfo(key=k.key, kernel_id=k.id, requirements=k.requirements, pid=k.pid, state=k.state,
+                KernelInfo(key=k.key, kernel_id=k.id, requirements=tuple(mask_credentials(r) for r in k.requirements),
+                           pid=k.pid, state=k.state,
                            calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline,
                            machine_type=k.machine_type, host=k.host)
                 for ks in self._kernels.values() for k in ks
             ]
 
 
+def _close_idle_event_loop() -> None:
+    """Close the asyncio loop that jupyter_core made for this thread to drive kernels synchronously
+    (its epoll instance and wake-up sockets), when the thread is done with kernels: left open, it
+    holds three descriptors until it is garbage-collected, in any order at interpreter exit."""
+    try:
+        from jupyter_core.utils import _loop
+    except ImportError:
+        return
+    loop = _loop.get()
+    if loop is not None and not loop.is_running() and not loop.is_closed():
+        loop.close()
+        _loop.set(None)
+
+
+def _shut_down_in_thread(kernel: Kernel) -> None:
+    """A shutdown thread's work; the event loop jupyter_core made for the thread dies with it."""
+    try:
+        kernel.shutdown()
+    finally:
+        _close_idle_event_loop()
+
+
 def _shut_down_all(kernels: list[Kernel]) -> None:
     """Shut kernels down in parallel, one thread each, and wait for them (bounded)."""
     threads = []
     for index, kernel in enumerate(kernels):
-        thread = threading.Thread(target=kernel.shutdown, name=f"fal_magic-shutdown-{kernel.id}", daemon=True)
+        thread = threading.Thread(target=_shut_down_in_thread, args=(kernel,), name=f"fal_magic-shutdown-{kernel.id}",
+                                  daemon=True)
         try:
             thread.start()
         except RuntimeError:
@@ -350,9 +382,31 @@ RUNTIME_PREFIX = "fal_magic-"
 SHM_ROOT = "/dev/shm"
 
 
+#: The longest socket name a runtime directory holds (``kernel-<id>-broker``, with its slash), and the
+#: longest unix socket path there is (sun_path: 108 bytes on Linux, 104 on macOS, with its NUL).
+_SOCKET_NAME = len("/kernel-0123456789ab-broker")
+_MAX_SOCKET_PATH = 103
+_FALLBACK_ROOT = "/tmp"
+
+
+def _runtime_root() -> str:
+    """Where runtime directories go: the temporary directory, unless its path is too long for the
+    sockets inside (a long ``$TMPDIR``; macOS's is ~50 characters), then /tmp."""
+    longest_dir = len(RUNTIME_PREFIX) + len(str(2**22)) + 1 + 8  # mkdtemp: prefix, pid, '-', 8 random
+    for root in dict.fromkeys((tempfile.gettempdir(), _FALLBACK_ROOT)):
+        fits = len(root) + 1 + longest_dir + _SOCKET_NAME <= _MAX_SOCKET_PATH
+        if fits and os.path.isdir(root) and os.access(root, os.W_OK | os.X_OK):
+            return root
+    raise KernelStartError(
+        f"the temporary directory {tempfile.gettempdir()!r} is too long for the kernels' unix sockets "
+        f"(at most {_MAX_SOCKET_PATH} characters each) and {_FALLBACK_ROOT} cannot be used: set TMPDIR "
+        "to a short directory")
+
+
 def _remove_stale_runtime_dirs() -> None:
     """Delete runtime (and shared-memory) directories of ours whose process is gone (a killed host)."""
-    found = list(Path(tempfile.gettempdir()).glob(f"{RUNTIME_PREFIX}*-*"))
+    found = [path for root in dict.fromkeys((tempfile.gettempdir(), _FALLBACK_ROOT)) if os.path.isdir(root)
+             for path in Path(root).glob(f"{RUNTIME_PREFIX}*-*")]
     if os.path.isdir(SHM_ROOT):
         found += Path(SHM_ROOT).glob(f"{RUNTIME_PREFIX}*-*")
     for path in found:
@@ -379,3 +433,15 @@ def get_pool() -> KernelPool:
             _pool = KernelPool()
             atexit.register(_pool.close)
         return _pool
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (``os.fork``, a ``fork`` multiprocessing pool) starts with no pool: its parent's
+    kernels, sockets and runtime directory stay the parent's; an isolated call in the child starts
+    kernels of its own. The lock is new too: another thread may have held it at the fork."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

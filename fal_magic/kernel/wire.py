@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import cloudpickle
 
-from ..errors import RemoteError, SerializationError
-from .runtime import add_note, describe_exception, dumps, loads, type_name
+from ..errors import FalMagicError, RemoteError, SerializationError
+from .runtime import NestedCallError, add_note, describe_exception, dumps, loads, type_name
 
 __all__ = ["dump_call", "dump_values", "load_result", "rebuild_exception", "describe_exception", "dumps", "loads"]
 
@@ -190,6 +190,8 @@ def rebuild_exception(payload: dict, requirements: Sequence[str] = (), fn: Calla
                 exc = None
         if not isinstance(exc, BaseException):
             exc = RemoteError(item["type"], item["message"])
+        elif isinstance(exc, NestedCallError):  # the kernel's stand-in for fal_magic's own errors
+            exc = FalMagicError(str(exc))
         rebuilt.append(exc)
     for exc, item, nxt in zip(rebuilt, links, rebuilt[1:] + [None]):
         if item["link"] == "cause":

@@ -23,7 +23,12 @@ class FalMagic(Configurable):
     """Defaults for isolated functions, the cell magic, the environment cache and the culler."""
 
     default_keep_alive = Float(
-        10.0, min=0.0, config=True, help="Seconds a kernel stays warm after its last call."
+        10.0, min=0.0, config=True, help="Seconds a kernel stays warm after its last call (fal's default)."
+    )
+    cell_keep_alive = Float(
+        600.0, min=0.0, config=True,
+        help="Seconds the kernel of an %%isolated cell stays warm after the cell: long enough for "
+             "interactive work, so that a cell's variables are still there for the next one.",
     )
     home = Unicode(
         "",

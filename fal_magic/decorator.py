@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 
 from .config import settings
 from .envs import EnvSpec, make_spec
+from .envs.spec import describe_requirements
 from .errors import FalMagicError
 from .kernel import get_pool
 from .kernel.remote import check_url
@@ -25,6 +26,7 @@ from .kernel.runtime import isolated_proxy, map_chunk
 from .kernel.contract import Frames
 from .kernel.wire import dump_call, load_result, rebuild_exception
 from .outputs import CallerOutput
+from .progress import StatusLine
 
 log = logging.getLogger("fal_magic")
 
@@ -148,12 +150,23 @@ class IsolatedFunction:
         frames = dump_call(self.func, args, kwargs)
         return self._run(frames)
 
-    def _run(self, frames: Frames, sink: CallerOutput | None = None) -> Any:
+    def _run(self, frames: Frames, sink: CallerOutput | None = None, status: StatusLine | None = None) -> Any:
+        """One call through the pool; ``sink`` and ``status`` are made in the caller's context (a worker
+        thread serving ``submit`` or ``map`` writes into the cell that started it)."""
         __tracebackhide__ = True
-        reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
-                                max_kernels=self.max_kernels, machine_type=self._options["machine_type"],
-                                host=self._options["host"])
+        status = status or self._status()
+        try:
+            reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
+                                    max_kernels=self.max_kernels, machine_type=self._options["machine_type"],
+                                    host=self._options["host"], progress=status)
+        except BaseException:
+            status.finish(ok=False)
+            raise
+        status.finish()
         return load_result(reply.content, reply.buffers, self.spec.requirements, self.func)
+
+    def _status(self) -> StatusLine:
+        return StatusLine(describe_requirements(self.spec.requirements))
 
     def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Start a call in the background and return its Future (``asyncio.wrap_future`` makes it awaitable).
@@ -161,7 +174,7 @@ class IsolatedFunction:
         The call is pickled now, so its arguments are taken as they are at this moment.
         """
         frames = dump_call(self.func, args, kwargs)
-        return _background().submit(self._run, frames, CallerOutput())  # the sink, made here, knows the cell
+        return _background().submit(self._run, frames, CallerOutput(), self._status())  # made here: they know the cell
 
     def map(self, *iterables: Iterable[Any], chunksize: int | None = None,
             timeout: float | None = None) -> Iterator[Any]:
@@ -178,7 +191,7 @@ class IsolatedFunction:
         futures = []
         for start in range(0, len(items), chunksize):
             frames = dump_call(self.func, [items[start:start + chunksize]], {}, via=map_chunk)
-            futures.append(_background().submit(self._run, frames, CallerOutput()))
+            futures.append(_background().submit(self._run, frames, CallerOutput(), self._status()))
 
         def results() -> Iterator[Any]:
             try:

@@ -5,12 +5,38 @@ This module imports nothing from the rest of the package, so any layer may use i
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RED, _RESET = "\x1b[0;31m", "\x1b[0m"
+
+
+def _verbose_tracebacks() -> bool:
+    """Whether the IPython shell (if any) shows tracebacks in full (``%xmode Verbose``)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(getattr(shell, "InteractiveTB", None), "mode", "") == "Verbose"
 
 
 class FalMagicError(Exception):
-    """Base class of all fal_magic errors."""
+    """Base class of all fal_magic errors.
+
+    In IPython one of them reads as a message (its type and text), not as a crash through fal_magic's
+    frames; ``%xmode Verbose`` shows the whole traceback again.
+    """
+
+    @property
+    def _render_traceback_(self) -> Callable[[], list[str]]:
+        # IPython looks the hook up with hasattr(): raising AttributeError means "no hook here"
+        if _verbose_tracebacks():
+            raise AttributeError("_render_traceback_")
+        return self._message_lines
+
+    def _message_lines(self) -> list[str]:
+        name = type(self).__name__
+        first, *rest = (str(self) or name).splitlines() or [""]
+        return [f"{_RED}{name}{_RESET}: {first}", *rest]
 
 
 class EnvironmentBuildError(FalMagicError):

@@ -11,12 +11,14 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from .config import settings
+from .config import FalMagic, settings
 from .envs import make_spec
+from .envs.spec import describe_requirements
 from .errors import EnvironmentBuildError, FalMagicError, RemoteError
 from .kernel import get_pool
 from .kernel.wire import dump_values, load_result
-from .outputs import CallerOutput
+from .outputs import CellOutput, RemoteValue
+from .progress import StatusLine
 from .widget import kernels
 
 
@@ -44,7 +46,7 @@ class IsolatedMagics(Magics):
 
     @magic_arguments()
     @argument("--keep-alive", type=float, default=None, metavar="SECONDS",
-              help="seconds the kernel stays warm after the cell (default: FalMagic.default_keep_alive)")
+              help="seconds the kernel stays warm after the cell (default: FalMagic.cell_keep_alive, 10 min)")
     @argument("--requirements", nargs="+", default=[], metavar="REQ",
               help="PEP 508 requirement specifiers for the cell's environment")
     @argument("--host", default=None, metavar="URL",
@@ -54,10 +56,11 @@ class IsolatedMagics(Magics):
     @argument("--pull", action="append", default=[], metavar="NAME[,NAME...]",
               help="kernel variables to copy back into the notebook after the cell runs")
     @cell_magic
-    def isolated(self, line: str, cell: str) -> None:
+    def isolated(self, line: str, cell: str) -> RemoteValue | None:
         """Run this cell in the warm isolated kernel of its requirements; outputs appear here.
 
-        The kernel's namespace persists between cells with the same requirements while it is warm.
+        The kernel's namespace persists between cells with the same requirements while it is warm,
+        and the cell's last expression is this cell's result (Out[n]).
         """
         __tracebackhide__ = True
         shell = self.shell
@@ -74,17 +77,26 @@ class IsolatedMagics(Magics):
         if missing:
             raise UsageError(f"--push: not defined in the notebook: {', '.join(missing)}")
         push_frames = dump_values({n: shell.user_ns[n] for n in push}) if push else None
-        keep_alive = settings().default_keep_alive if args.keep_alive is None else args.keep_alive
+        keep_alive = settings().cell_keep_alive if args.keep_alive is None else args.keep_alive
 
         pool = get_pool()
         try:
             pool.host_url(args.host)
         except FalMagicError as exc:
             raise UsageError(f"--host: {exc}") from None
-        sink = CallerOutput()
+        sink = CellOutput()
         grace = pool.config.interrupt_grace
         pulled: dict[str, Any] = {}
-        with pool.lease(spec, keep_alive, host=args.host) as kernel:
+        status = StatusLine(describe_requirements(spec.requirements))
+        try:
+            kernel = pool.acquire(spec, progress=status, host=args.host)
+        except BaseException:
+            status.finish(ok=False)
+            raise
+        status.finish()
+        try:
+            if pool.namespace_lost(kernel):
+                print("[fal_magic] the previous kernel of this environment was shut down: its variables are gone")
             if push_frames is not None:
                 pushed = kernel.push(push_frames, sink, grace)
                 load_result(pushed.content, pushed.buffers, spec.requirements)
@@ -92,12 +104,17 @@ class IsolatedMagics(Magics):
             if reply["status"] == "ok" and pull:
                 pull_reply = kernel.pull(pull, sink, grace)
                 pulled = load_result(pull_reply.content, pull_reply.buffers, spec.requirements)
+        finally:
+            pool.release(kernel, keep_alive)
         if reply["status"] != "ok":
             if reply.get("ename") == "KeyboardInterrupt":
                 raise KeyboardInterrupt("the isolated cell was interrupted")
             raise RemoteError(reply.get("ename", "Error"), reply.get("evalue", ""),
                               "\n".join(reply.get("traceback", [])))
         shell.user_ns.update(pulled)
+        if sink.result is not None:
+            return RemoteValue(sink.result.get("data", {}), sink.result.get("metadata", {}))
+        return None
 
     @line_magic
     def isolated_kernels(self, line: str) -> Any:
@@ -124,16 +141,13 @@ def load(ipython: Any) -> None:
     among the shell's configurables (``%config FalMagic`` shows them, ``%config FalMagic.x = v`` sets them)."""
     current = settings()
     current.update_config(ipython.config)
-    if current not in ipython.configurables:
-        ipython.configurables.append(current)
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, FalMagic)] + [current]
     ipython.register_magics(IsolatedMagics)
 
 
 def unload(ipython: Any) -> None:
     """Remove the magics again (warm kernels stay; ``%isolated_shutdown --all`` stops them)."""
-    current = settings()
-    if current in ipython.configurables:
-        ipython.configurables.remove(current)
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, FalMagic)]
     magics = ipython.magics_manager.magics
     magics["cell"].pop("isolated", None)
     for name in ("isolated_kernels", "isolated_shutdown"):

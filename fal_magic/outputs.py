@@ -79,3 +79,34 @@ class CallerOutput:
         if text is not None:
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
+
+
+class CellOutput(CallerOutput):
+    """The sink of an ``%%isolated`` cell: like ``CallerOutput``, but the cell's own result (its last
+    expression's ``execute_result``) is kept, to become the calling cell's result (``Out[n]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.result: dict[str, Any] | None = None
+
+    def display(self, msg_type: str, content: dict[str, Any]) -> None:
+        if msg_type == "execute_result":
+            self.result = content
+        else:
+            super().display(msg_type, content)
+
+
+class RemoteValue:
+    """The value of an isolated cell's last expression, as the kernel represented it: shown by the
+    calling notebook as its cell's ``Out[n]`` (every representation the kernel sent), and kept in
+    ``_`` and ``Out``. The object itself stays in the isolated kernel (``--pull`` fetches it)."""
+
+    def __init__(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        self.data = data
+        self.metadata = metadata or {}
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<a value in the isolated kernel>"))

@@ -104,8 +104,14 @@ class KernelList:
 class KernelTable:
     """The live widget: one row per kernel, a countdown that ticks, a shut-down button per kernel.
 
-    A background thread refreshes it every ``interval`` seconds until the widget is closed.
+    A background thread refreshes it every ``interval`` seconds until the widget is closed, and only
+    sends what changed: nothing at all while there are no kernels, and after ``quiet_after`` seconds
+    without a new kernel, call or state it slows to every ``quiet_interval`` seconds.
     """
+
+    #: Seconds without a change of kernels, calls or states after which the table ticks slower.
+    quiet_after = 60.0
+    quiet_interval = 5.0
 
     def __init__(self, pool: KernelPool, interval: float = 1.0) -> None:
         import ipywidgets as w
@@ -114,12 +120,14 @@ class KernelTable:
         self.pool = pool
         self.interval = interval
         self._rows: dict[str, tuple[Any, list[Any]]] = {}
+        self._signature: tuple[tuple[str, str, int], ...] = ()
+        self._changed_at = time.monotonic()
         header = w.HBox([self._cell(f"<b>{c}</b>", i) for i, c in enumerate(COLUMNS)] + [self._cell("", 8)])
         self.empty = w.HTML("<em>no warm kernels</em>")
         self.rows_box = w.VBox([])
         self.all_button = w.Button(description="shut down all", button_style="danger",
                                    layout=w.Layout(width="130px"))
-        self.all_button.on_click(lambda _: self.pool.shutdown())
+        self.all_button.on_click(self._shut_down_all)
         title = w.HTML(f"<b>fal_magic warm kernels</b> <small>(updated every {interval:g}s)</small>")
         self.widget = w.VBox([title, header, self.rows_box, self.empty, self.all_button])
         self.widget.add_class("fal-magic-kernels")
@@ -127,6 +135,10 @@ class KernelTable:
         ref = weakref.ref(self)
         threading.Thread(target=KernelTable._tick, args=(ref, interval), daemon=True,
                          name="fal_magic-kernel-table").start()
+
+    def _shut_down_all(self, _: Any) -> None:
+        self.pool.shutdown()
+        self.refresh()
 
     def _cell(self, text: str, column: int) -> Any:
         width = _WIDTHS[column] if column < len(_WIDTHS) else "110px"
@@ -136,6 +148,9 @@ class KernelTable:
         """Bring the rows in line with the pool's snapshot."""
         now = time.time()
         records = {r.kernel_id: r for r in self.pool.snapshot()}
+        signature = tuple((kid, r.state, r.calls) for kid, r in records.items())
+        if signature != self._signature:
+            self._signature, self._changed_at = signature, time.monotonic()
         for kid in [k for k in self._rows if k not in records]:
             row, _ = self._rows.pop(kid)
             row.close()
@@ -156,6 +171,13 @@ class KernelTable:
         if self.rows_box.children != children:
             self.rows_box.children = children
         self.empty.layout.display = "none" if self._rows else ""
+        self.all_button.disabled = not self._rows  # nothing to shut down
+        self.all_button.button_style = "danger" if self._rows else ""
+
+    def next_interval(self) -> float:
+        """Seconds until the next refresh: slower once nothing but the countdowns has changed for a while."""
+        quiet = time.monotonic() - self._changed_at > self.quiet_after
+        return max(self.interval, self.quiet_interval) if quiet else self.interval
 
     @staticmethod
     def _tick(ref: "weakref.ref[KernelTable]", interval: float) -> None:
@@ -168,6 +190,7 @@ class KernelTable:
                 table.refresh()
             except Exception:
                 return
+            interval = table.next_interval()
             del table
 
 

@@ -67,7 +67,8 @@ def test_rich_outputs_reach_the_cell(ip):
     assert result.success
     data = [o.data for o in out.outputs]
     assert {"text/html": "<b>bold</b>", "text/plain": "<IPython.core.display.HTML object>"} in data
-    assert any(d.get("text/plain") == "42" for d in data)
+    assert repr(result.result) == "42" and repr(ip.user_ns["_"]) == "42"  # the cell's result: Out[n]
+    assert not any(d.get("text/plain") == "42" for d in data)  # not a display output without a prompt
 
 
 def test_error_in_the_cell_fails_it_with_the_remote_traceback(ip):
@@ -148,20 +149,37 @@ def test_config_is_read_from_the_shell_and_shown_by_percent_config(ip):
 
     ip.run_line_magic("unload_ext", "fal_magic")
     saved = ip.config.get("FalMagic")
-    ip.config.FalMagic.default_keep_alive = 420.0
+    ip.config.FalMagic.cell_keep_alive = 420.0
     try:
         ip.run_line_magic("load_ext", "fal_magic")  # reads the shell's config
         assert run(ip, "%%isolated\nx = 1")[0].success
         [info] = get_pool().snapshot()
         assert 400 < info.deadline - time.time() <= 420  # the kernel got the shell's keep-alive
         _, out = run(ip, "%config FalMagic")
-        assert "FalMagic.default_keep_alive" in out.stdout and "420.0" in out.stdout
-        run(ip, "%config FalMagic.default_keep_alive = 77")
+        assert "FalMagic.cell_keep_alive" in out.stdout and "420.0" in out.stdout
+        run(ip, "%config FalMagic.cell_keep_alive = 77")
         from fal_magic.config import settings
 
-        assert settings().default_keep_alive == 77.0
+        assert settings().cell_keep_alive == 77.0
     finally:
         if saved is None:
             del ip.config["FalMagic"]
         else:
             ip.config.FalMagic = saved
+
+
+def test_cells_keep_their_namespace_for_interactive_work_and_say_when_it_is_gone(ip):
+    from .conftest import wait_until
+
+    assert run(ip, "%%isolated\nx = 41")[0].success
+    [info] = get_pool().snapshot()
+    assert info.seconds_left > 500  # the cell magic's own keep-alive (10 min), not fal's 10 s
+    get_pool().shutdown()
+    assert "[fal_magic]" not in run(ip, "%%isolated --keep-alive 1\nx = 41")[1].stdout  # shut down when asked
+    assert wait_until(lambda: not get_pool().snapshot(), timeout=20)  # culled
+    result, out = run(ip, "%%isolated\n'x' in dir()")
+    assert repr(result.result) == "False"
+    assert out.stdout.startswith(
+        "[fal_magic] the previous kernel of this environment was shut down: its variables are gone\n")
+    result, out = run(ip, "%%isolated\nx = 1\nx + 1")
+    assert repr(result.result) == "2" and "[fal_magic]" not in out.stdout  # said once

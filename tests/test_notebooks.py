@@ -46,7 +46,10 @@ def test_cell_magic_notebook():
     assert any("text/html" in k for k in kinds), plot_cell.outputs
     assert any("image/png" in k for k in kinds), plot_cell.outputs
     assert outputs(code[6]) == "done\n"  # clear_output in the kernel cleared 'working...' here
-    error_cell = code[7]
+    [result] = code[7].outputs  # the last expression is the cell's own result, with its Out[n] prompt
+    assert result.output_type == "execute_result" and result.execution_count == code[7].execution_count
+    assert result.data["text/plain"] == "{'count': 4, 'total': 186}"
+    error_cell = code[8]
     [err] = [o for o in error_cell.outputs if o.output_type == "error"]
     assert err.ename == "RemoteError"
     assert any("bad input 42" in line for line in err.traceback)
@@ -67,3 +70,34 @@ def test_fal_serverless_examples():
 
 
 COVERED = ["quickstart.ipynb", "cell_magic.ipynb", "fal_serverless_examples.ipynb"]
+
+
+def test_progress_is_one_status_line_updated_in_place_never_stderr(tmp_path):
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in (
+        "import os\nos.environ['FAL_MAGIC_HOME'] = " + repr(str(tmp_path / "home")) + "\n"
+        "from fal_magic import isolated\n\n"
+        "@isolated(keep_alive=60, requirements=['text-unidecode==1.3'])\n"
+        "def f():\n    return 1\n\nf()",  # builds an environment and starts a kernel
+        "f()",  # warm: nothing to show
+        "%load_ext fal_magic",
+        "%%isolated --requirements text-unidecode==1.3\n6 * 7",  # a kernel of the built environment
+        "%%isolated --requirements tabulate==99.0\n1",  # a build that fails
+    )]
+    NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True).execute()
+    build, warm, _, cell, failed = nb.cells
+    assert not [o for o in build.outputs if o.output_type == "stream" and o.name == "stderr"], build.outputs
+    displays = [o for o in build.outputs if o.output_type == "display_data"]
+    assert len(displays) == 1, build.outputs  # one line, updated in place, not one output per step
+    summary = displays[0].data["text/plain"]
+    assert summary.startswith("fal_magic · text-unidecode==1.3 · environment ") and " · kernel " in summary
+    assert [o.output_type for o in warm.outputs] == ["execute_result"]
+    assert [o.data["text/plain"] for o in cell.outputs if o.output_type == "execute_result"] == ["42"]
+    assert not [o for o in cell.outputs if o.output_type == "stream"]
+    [error] = [o for o in failed.outputs if o.output_type == "error"]
+    text = "\n".join(error.traceback)
+    assert error.ename == "EnvironmentBuildError" and "tabulate==99.0" in error.traceback[0]
+    assert "fal_magic/" not in text and "site-packages" not in text  # a message, not fal_magic's frames
+    assert len(error.traceback) <= 12, text
+    assert not [o for o in failed.outputs if o.output_type == "stream" and o.name == "stderr"]

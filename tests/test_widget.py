@@ -68,6 +68,30 @@ def test_text_and_html_tables_list_the_kernels():
     assert f"<td>{kernel_pid}</td>" in html and "<th>culled in</th>" in html
 
 
+def test_the_live_table_sends_only_changes_and_shut_down_all_needs_kernels():
+    from fal_magic.widget import KernelTable
+
+    table = KernelTable(get_pool(), interval=3600)  # no ticks during the test: refreshed by hand
+    try:
+        assert table.all_button.disabled and table.next_interval() == 3600
+        kernel_pid = pid()
+        table.refresh()
+        assert not table.all_button.disabled and table.all_button.button_style == "danger"
+        [(row, cells)] = table._rows.values()
+        sent = []
+        for cell in cells:
+            cell.observe(lambda change: sent.append(change["name"]), names="value")
+        table.refresh()
+        table.refresh()
+        assert len(sent) <= 2  # at most the countdown and "last used" move, not the whole row
+        table.interval, table.quiet_after = 1.0, 0.0
+        assert table.next_interval() == table.quiet_interval  # nothing but countdowns changed: slower
+        table._shut_down_all(None)
+        assert table.all_button.disabled and not table._rows and not pid_alive(kernel_pid)
+    finally:
+        table.widget.close()
+
+
 # -- the real browser ------------------------------------------------------------------------------
 
 NOTEBOOK = {

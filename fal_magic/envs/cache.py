@@ -34,6 +34,10 @@ from .installers import InstallFailed, pick_installer
 from .spec import EnvSpec, describe_requirements, mask_credentials
 
 MARKER = "fal_magic-env.json"
+
+#: Progress lines that carry the installer's own output (downloads, resolution) start with this:
+#: a live status shows them, a log keeps them at DEBUG.
+INSTALLER_LINE = "installer: "
 LAST_USED = ".fal_magic-last-used"
 
 Progress = Callable[[str], None]
@@ -198,15 +202,16 @@ class EnvCache:
             step = time.perf_counter()
             python = path / "bin" / "python"
             try:
-                installer.install(python, spec.install_list, lambda line: None)
+                installer.install(python, spec.install_list, lambda line: progress(INSTALLER_LINE + line))
             except InstallFailed as exc:
                 raise EnvironmentBuildError(self._install_message(spec, exc.output, installer.name)) from None
-            progress(f"installed {len(spec.install_list)} requirements with {installer.name} "
+            progress(f"installed {describe_requirements(spec.requirements)} with {installer.name} "
                      f"in {time.perf_counter() - step:.2f}s")
             step = time.perf_counter()
             linked = link_bytecode(path, self._donors(path))
-            progress(f"linked the bytecode of {linked} files from other environments "
-                     f"in {time.perf_counter() - step:.2f}s")
+            if linked:
+                progress(f"linked the bytecode of {linked} files from other environments "
+                         f"in {time.perf_counter() - step:.2f}s")
             meta = {
                 "key": spec.key,
                 "requirements": [mask_credentials(r) for r in spec.requirements],
@@ -253,7 +258,8 @@ class EnvCache:
 
     @staticmethod
     def _install_message(spec: EnvSpec, output: str, installer: str) -> str:
-        output = mask_credentials(output)
+        output = "\n".join(line for line in mask_credentials(output).splitlines()
+                           if not line.startswith("Using Python "))  # uv's note of where it installs
         lowered = output.lower()
         if "no space left on device" in lowered:
             return f"could not install the requirements: no space left on device ({installer} said):\n{output}"

@@ -106,7 +106,7 @@ class UvInstaller:
         env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
         env.pop("VIRTUAL_ENV", None)
         with requirement_args(requirements) as args:
-            _run([self.binary, "pip", "install", "--python", str(python), *args], on_line, env)
+            _run([self.binary, "pip", "install", "--color", "never", "--python", str(python), *args], on_line, env)
 
 
 class PipInstaller:
@@ -117,7 +117,7 @@ class PipInstaller:
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None:
         with requirement_args(requirements) as args:
             _run([sys.executable, "-m", "pip", "--python", str(python), "install",
-                  "--disable-pip-version-check", "--no-input", *args], on_line)
+                  "--disable-pip-version-check", "--no-input", "--no-color", *args], on_line)
 
 
 def find_uv() -> str | None:

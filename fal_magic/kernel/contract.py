@@ -110,6 +110,7 @@ class Kernel(abc.ABC):
         self.id = uuid.uuid4().hex[:12]
         self.state: State = "starting"
         self.calls = 0
+        self.cells = 0  # cells run in its namespace (state a user would miss when the kernel goes)
         self.started_at = time.time()
         self.last_used = self.started_at
         self.deadline = 0.0  # only idle kernels are culled; the pool's release() sets the real deadline

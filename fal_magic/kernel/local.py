@@ -386,6 +386,7 @@ class LocalKernel(Kernel):
 
     def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
         self.calls += 1
+        self.cells += 1
         msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=False)
         return serve(self, msg_id, sink, grace, "shell")
 

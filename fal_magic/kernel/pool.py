@@ -28,6 +28,7 @@ from ..outputs import OutputSink
 from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, Reply, slot_name
 from .local import LocalKernel
 from .remote import RemoteKernel, ServerClient, check_url
+from ..progress import log_progress
 from .wire import describe_exception, dump_call, dumps, loads
 
 log = logging.getLogger("fal_magic")
@@ -83,6 +84,7 @@ class KernelPool:
         self._cond = threading.Condition()
         self._culler: threading.Thread | None = None
         self._closed = False
+        self._lost_namespaces: set[str] = set()  # slots whose kernel with cell state is gone
         self._runtime_dir: Path | None = None
         self._shm_dir: Path | None = None
 
@@ -124,7 +126,7 @@ class KernelPool:
         host = self.config.host if host is None else host
         return check_url(host, self.config.allow_plain_http) if host else None
 
-    def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log.info,
+    def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log_progress,
                 machine_type: str | None = None, host: str | None = None) -> Kernel:
         """Lease an idle kernel of ``spec``'s key (on ``host``, see ``host_url``), starting one if all
         are busy and there is room."""
@@ -191,17 +193,30 @@ class KernelPool:
         if shutdown:
             kernel.shutdown(now=True)
 
-    def _forget(self, kernel: Kernel) -> None:
-        """Drop a kernel from the table (lock held); release the env's lock when its key has none left."""
+    def _forget(self, kernel: Kernel, asked: bool = False) -> None:
+        """Drop a kernel from the table (lock held); release the env's lock when its key has none left.
+        A kernel with cell state that goes without being asked to (culled, died) is remembered, so
+        that the next cell of its key can say its variables are gone."""
         kernels = self._kernels.get(kernel.slot, [])
         if kernel in kernels:
             kernels.remove(kernel)
+            if kernel.cells and not asked and kernel.kill_reason is None:
+                self._lost_namespaces.add(kernel.slot)
         if not kernels and self._kernels.pop(kernel.slot, None) is not None:
             kernel.release_slot()
         self._cond.notify_all()
 
+    def namespace_lost(self, kernel: Kernel) -> bool:
+        """Whether ``kernel`` is new and an earlier kernel of its slot, which held cell state, is gone
+        (said once per loss)."""
+        with self._cond:
+            if kernel.calls or kernel.slot not in self._lost_namespaces:
+                return False
+            self._lost_namespaces.discard(kernel.slot)
+            return True
+
     @contextmanager
-    def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1, progress: Progress = log.info,
+    def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1, progress: Progress = log_progress,
               machine_type: str | None = None, host: str | None = None) -> Iterator[Kernel]:
         """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
         kernel = self.acquire(spec, max_kernels, progress, machine_type, host)
@@ -213,7 +228,7 @@ class KernelPool:
     # -- the client path shared by the decorator and the magics (they lease, then call/execute) --
 
     def call(self, spec: EnvSpec, frames: Frames, sink: OutputSink, *, keep_alive: float,
-             max_kernels: int = 1, progress: Progress = log.info, machine_type: str | None = None,
+             max_kernels: int = 1, progress: Progress = log_progress, machine_type: str | None = None,
              chain: tuple[str, ...] = (), host: str | None = None) -> Reply:
         """Run a pickled call on a warm kernel of ``spec``'s key.
 
@@ -298,7 +313,7 @@ class KernelPool:
             idle = [k for k in victims if k.state == "idle"]
             for k in idle:
                 k.state = "stopping"
-                self._forget(k)
+                self._forget(k, asked=True)
         for k in victims:
             if k not in idle:  # busy or starting: its caller's thread owns the client; kill, and let it report
                 k.kill("it was shut down while this call ran")

@@ -386,6 +386,7 @@ class RemoteKernel(Kernel):
 
     def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
         self.calls += 1
+        self.cells += 1
         msg_id = self._send("shell", self._execute_request(code, silent=False))
         return serve(self, msg_id, sink, grace, "shell")
 

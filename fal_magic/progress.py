@@ -1,0 +1,105 @@
+"""How fal_magic shows what it is doing while an environment builds or a kernel starts.
+
+In a notebook: one status line in the calling cell, updated in place (a display handle), never a
+block of stderr, which JupyterLab paints red and keeps in the saved notebook. When the work is done
+it collapses to one quiet summary when an environment was built, and to nothing otherwise. On a
+terminal: one line rewritten in place; elsewhere (a log file, CI) plain ``[fal_magic]`` lines.
+Every step also goes to the ``fal_magic`` logger at DEBUG, for those who want all of them.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import shutil
+import sys
+import time
+from typing import Any
+
+from .envs.cache import INSTALLER_LINE as INSTALLER
+from .outputs import _ipython
+
+log = logging.getLogger("fal_magic")
+
+
+def log_progress(text: str) -> None:
+    """The default progress callback (scripts, the server): steps as log lines, installer output at DEBUG."""
+    if INSTALLER in text:
+        log.debug(text)
+    else:
+        log.info(text)
+
+
+def _notebook() -> bool:
+    shell = _ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class StatusLine:
+    """A progress callback for one call or cell, shown where the caller sees output (it keeps the
+    caller's context, like ``CallerOutput``: a worker thread's progress lands in the right cell)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._context = contextvars.copy_context()
+        self._started = time.monotonic()
+        self._build_started: float | None = None
+        self._build_ended: float | None = None
+        self._handle: Any = None
+        self._tty_width = 0
+        self._mode = "notebook" if _notebook() else ("tty" if _isatty() else "log")
+
+    def __call__(self, text: str) -> None:
+        log.debug(text)
+        if text.startswith("building environment") or text.endswith(": building environment"):
+            self._build_started = time.monotonic()
+        elif " ready in " in text and "environment" in text:
+            self._build_ended = time.monotonic()
+        self._context.run(self._show, text)
+
+    def _show(self, text: str) -> None:
+        if self._mode == "log":
+            log_progress(text)
+            return
+        if self._build_started is None and text.startswith("kernel ") and " started " in text:
+            return  # a kernel on a built environment: done as soon as said, nothing to watch
+        line = f"fal_magic · {self.label} · {text.replace(INSTALLER, '')} · {time.monotonic() - self._started:.1f} s"
+        if self._mode == "tty":
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            sys.stderr.write("\r" + line[:width].ljust(self._tty_width))
+            sys.stderr.flush()
+            self._tty_width = min(len(line), width)
+        else:
+            self._update(line)
+
+    def _update(self, line: str) -> None:
+        from IPython.display import display
+
+        bundle = {"text/plain": line}
+        if self._handle is None:
+            self._handle = display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+
+    def finish(self, ok: bool = True) -> None:
+        """The work is done: collapse the line to a summary if an environment was built, or to
+        nothing (also when it failed: the error says what happened)."""
+        self._context.run(self._finish, ok)
+
+    def _finish(self, ok: bool) -> None:
+        summary = ""
+        if ok and self._build_started is not None:
+            ended = self._build_ended or time.monotonic()
+            summary = (f"fal_magic · {self.label} · environment {ended - self._build_started:.1f} s · "
+                       f"kernel {time.monotonic() - ended:.1f} s")
+        if self._mode == "tty" and self._tty_width:
+            sys.stderr.write("\r" + summary.ljust(self._tty_width) + ("\n" if summary else "\r"))
+            sys.stderr.flush()
+        elif self._mode == "notebook" and self._handle is not None:
+            self._update(summary)
+
+
+def _isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

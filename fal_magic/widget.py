@@ -128,7 +128,7 @@ class KernelTable:
         self.all_button = w.Button(description="shut down all", button_style="danger",
                                    layout=w.Layout(width="130px"))
         self.all_button.on_click(self._shut_down_all)
-        title = w.HTML(f"<b>fal_magic warm kernels</b> <small>(updated every {interval:g}s)</small>")
+        title = w.HTML("<b>fal_magic warm kernels</b> <small>(live)</small>")
         self.widget = w.VBox([title, header, self.rows_box, self.empty, self.all_button])
         self.widget.add_class("fal-magic-kernels")
         self.refresh()

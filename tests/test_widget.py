@@ -131,7 +131,8 @@ def lab(tmp_path):
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ServerApp.port={port}",
          "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--ServerApp.port_retries=0", "--LabApp.news_url=",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"]  # no tabs restored from another test
         + (["--allow-root"] if os.geteuid() == 0 else []),
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
         env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime")))
@@ -208,3 +209,59 @@ def test_widget_in_jupyterlab(lab, tmp_path, fal_home):
         finally:
             browser.close()
     print(f"browser test took {time.monotonic() - started:.1f}s")
+
+
+def _code_cell(source: str) -> dict:
+    return {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": source}
+
+
+def test_progress_results_and_errors_read_well_in_jupyterlab(lab, tmp_path):
+    """A build's status line, an isolated cell's Out[n], a failed build and a remote error, as a
+    person sees them in JupyterLab (screenshots for the README with FAL_MAGIC_SCREENSHOT_DIR)."""
+    from playwright.sync_api import sync_playwright
+
+    url, token = lab
+    home = tmp_path / "fresh_home"  # a cache of its own: the first cell builds its environment
+    notebook = {**NOTEBOOK, "cells": [
+        _code_cell(f"import os\nos.environ['FAL_MAGIC_HOME'] = {str(home)!r}\n%load_ext fal_magic"),
+        _code_cell("%%isolated --requirements text-unidecode==1.3\nfrom text_unidecode import unidecode\n"
+                   "unidecode('Ærøskøbing')"),
+        _code_cell("%%isolated --requirements tabulate==99.0\nimport tabulate"),
+        _code_cell("from fal_magic import isolated\n\n@isolated\ndef check(x):\n    if x > 10:\n"
+                   "        raise ValueError(f'too big: {x}')\n    return x\n\ncheck(42)"),
+    ]}
+    (tmp_path / "lab" / "presentation.ipynb").write_text(json.dumps(notebook))  # the lab fixture's root
+    shots = os.environ.get("FAL_MAGIC_SCREENSHOT_DIR") or str(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.goto(f"{url}/lab/tree/presentation.ipynb?token={token}")
+            page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=90_000)
+            cells = page.locator(".jp-NotebookPanel:visible .jp-CodeCell")
+            cells.nth(0).click()
+            page.keyboard.press("Shift+Enter")  # the setup cell
+            page.keyboard.press("Shift+Enter")  # the build
+            status = cells.nth(1).locator(".jp-OutputArea-output", has_text="fal_magic · text-unidecode==1.3")
+            status.wait_for(timeout=120_000)
+            result = cells.nth(1).locator(".jp-OutputArea-output", has_text="Aeroskobing")
+            result.wait_for(timeout=120_000)
+            prompt = cells.nth(1).locator(".jp-OutputArea-child", has_text="Aeroskobing").locator(".jp-OutputPrompt")
+            assert re.fullmatch(r"\[\d+\]:", prompt.inner_text().strip())  # the cell's result, with its prompt
+            assert "environment" in status.inner_text()  # collapsed to the summary
+            assert cells.nth(1).locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+            page.keyboard.press("Shift+Enter")  # the failed build
+            failed = cells.nth(2).locator("[data-mime-type='application/vnd.jupyter.stderr']",
+                                          has_text="EnvironmentBuildError")
+            failed.wait_for(timeout=120_000)
+            text = failed.inner_text()
+            assert "tabulate==99.0" in text and "fal_magic/" not in text and len(text.splitlines()) <= 12
+            page.keyboard.press("Shift+Enter")  # the remote error
+            error = cells.nth(3).locator("[data-mime-type='application/vnd.jupyter.stderr']", has_text="too big: 42")
+            error.wait_for(timeout=120_000)
+            page.locator(".jp-NotebookPanel:visible .jp-Notebook").screenshot(
+                path=os.path.join(shots, "notebook-presentation.png"))
+        finally:
+            browser.close()

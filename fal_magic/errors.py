@@ -89,6 +89,4 @@ class RemoteError(FalMagicError):
 
     def _render_traceback_(self) -> list[str]:
         """IPython hook: show the remote traceback instead of fal_magic's local frames."""
-        lines = ["fal_magic.RemoteError: exception raised in the isolated kernel"]
-        lines.extend((self.traceback_text or f"{self.type_name}: {self.remote_message}").rstrip().splitlines())
-        return lines
+        return (self.traceback_text or f"{self.type_name}: {self.remote_message}").rstrip().splitlines()

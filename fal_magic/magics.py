@@ -16,6 +16,7 @@ from .envs import make_spec
 from .envs.spec import describe_requirements
 from .errors import EnvironmentBuildError, FalMagicError, RemoteError
 from .kernel import get_pool
+from .kernel.tracebacks import attach, renumber_cells
 from .kernel.wire import dump_values, load_result
 from .outputs import CellOutput, RemoteValue
 from .progress import StatusLine
@@ -40,9 +41,22 @@ def _names(groups: list[str]) -> list[str]:
     return names
 
 
+def _calling_cell_number(shell: Any) -> int:
+    """The number of the notebook cell running now (IPython 9 has already counted it in
+    ``execution_count``, IPython 8 has not; the running cell's result knows it either way)."""
+    running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    number = getattr(running, "execution_count", None)
+    return number if isinstance(number, int) else int(shell.execution_count)
+
+
 @magics_class
 class IsolatedMagics(Magics):
     """The fal_magic magics."""
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        # per isolated kernel: its cell numbers -> the numbers of this notebook's cells that ran them
+        self._cell_numbers: dict[str, dict[int, int]] = {}
 
     @magic_arguments()
     @argument("--keep-alive", type=float, default=None, metavar="SECONDS",
@@ -101,16 +115,20 @@ class IsolatedMagics(Magics):
                 pushed = kernel.push(push_frames, sink, grace)
                 load_result(pushed.content, pushed.buffers, spec.requirements)
             reply = kernel.execute(cell, sink, grace).content
+            numbers = self._cell_numbers.setdefault(kernel.id, {})
+            numbers[reply.get("execution_count", 0)] = _calling_cell_number(shell)
             if reply["status"] == "ok" and pull:
                 pull_reply = kernel.pull(pull, sink, grace)
                 pulled = load_result(pull_reply.content, pull_reply.buffers, spec.requirements)
         finally:
             pool.release(kernel, keep_alive)
-        if reply["status"] != "ok":
+        if reply["status"] != "ok":  # shown as the kernel formatted it, with this notebook's cell numbers
+            lines = renumber_cells(reply.get("traceback", []), numbers)
             if reply.get("ename") == "KeyboardInterrupt":
-                raise KeyboardInterrupt("the isolated cell was interrupted")
-            raise RemoteError(reply.get("ename", "Error"), reply.get("evalue", ""),
-                              "\n".join(reply.get("traceback", [])))
+                interrupted = KeyboardInterrupt("the isolated cell was interrupted")
+                attach(interrupted, lambda: lines)  # where the cell's code stopped, not fal_magic's frames
+                raise interrupted
+            raise RemoteError(reply.get("ename", "Error"), reply.get("evalue", ""), "\n".join(lines))
         shell.user_ns.update(pulled)
         if sink.result is not None:
             return RemoteValue(sink.result.get("data", {}), sink.result.get("metadata", {}))

@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import inspect
 import os
+import re
 import sys
 import threading
 import time
@@ -311,7 +312,8 @@ def test_exception_class_that_exists_only_in_the_env_is_a_remote_error():
     assert err.type_name == "env_only_errors.EnvOnlyError"
     assert err.remote_message == "only in the env"
     assert "raise mod.EnvOnlyError" in err.traceback_text
-    assert "env_only_errors.EnvOnlyError: only in the env" in "\n".join(err._render_traceback_())
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err._render_traceback_()))
+    assert "env_only_errors.EnvOnlyError: only in the env" in shown and 'raise mod.EnvOnlyError("only' in shown
 
 
 def test_module_not_found_hints_at_requirements():

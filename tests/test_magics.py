@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 
@@ -114,6 +115,8 @@ def test_interrupt_stops_the_cell_and_the_kernel_survives(ip):
                         "except KeyboardInterrupt:\n    interrupted = True\n    raise")
     timer.join()
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(result.error_in_exec._render_traceback_()))
+    assert "time.sleep(30)" in shown and "fal_magic" not in shown  # where the cell stopped, nothing of ours
     # the kernel itself was interrupted (not only the host's wait), and it is the same kernel
     result, out = run(ip, "%%isolated --keep-alive 30\nprint(kept == os.getpid(), interrupted)")
     assert out.stdout == "True True\n"

@@ -1,6 +1,7 @@
 """Every notebook in notebooks/ runs top to bottom in a real kernel (nbclient), with the outputs a user sees."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -52,7 +53,9 @@ def test_cell_magic_notebook():
     error_cell = code[8]
     [err] = [o for o in error_cell.outputs if o.output_type == "error"]
     assert err.ename == "RemoteError"
-    assert any("bad input 42" in line for line in err.traceback)
+    text = _plain(err.traceback)
+    assert "ValueError: bad input 42" in text and "RemoteError" not in text  # the user's type, not ours
+    assert f"Cell In[{error_cell.execution_count}], line 3" in text  # named after the calling cell
 
 
 def test_run_all_stops_at_the_failing_cell():
@@ -67,6 +70,31 @@ def test_fal_serverless_examples():
     assert outputs(code[2]).startswith("joke: ")
     assert outputs(code[3]) == "model loaded once: True 4\n"
     assert outputs(code[4]) == "virtualenv kind\n"
+
+
+def _plain(lines) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(lines))
+
+
+def test_a_remote_exception_reads_like_a_local_one():
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in (
+        "from fal_magic import isolated\n\ndef lookup(table, key):\n    return table[key]",
+        "@isolated(keep_alive=30)\ndef load(key):\n    try:\n        lookup({}, key)\n    except KeyError as exc:\n"
+        "        raise ValueError(f'no setting {key}') from exc\n\nload('depth')",
+    )]
+    NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True).execute()
+    helper, caller = nb.cells
+    [err] = [o for o in caller.outputs if o.output_type == "error"]
+    text = _plain(err.traceback)
+    assert err.ename == "ValueError"
+    assert f"Cell In[{helper.execution_count}], line 4, in lookup" in text  # defined in another cell
+    assert f"Cell In[{caller.execution_count}], line 6, in load" in text
+    assert "return table[key]" in text and "The above exception was the direct cause" in text
+    assert text.count("ValueError: no setting depth") == 1 and text.count("KeyError: 'depth'") == 1
+    assert "fal_magic/" not in text and "traceback in the isolated kernel" not in text
+    assert "<dynamic-code>" not in text and "ipykernel_" not in text
 
 
 COVERED = ["quickstart.ipynb", "cell_magic.ipynb", "fal_serverless_examples.ipynb"]

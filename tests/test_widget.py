@@ -261,6 +261,9 @@ def test_progress_results_and_errors_read_well_in_jupyterlab(lab, tmp_path):
             page.keyboard.press("Shift+Enter")  # the remote error
             error = cells.nth(3).locator("[data-mime-type='application/vnd.jupyter.stderr']", has_text="too big: 42")
             error.wait_for(timeout=120_000)
+            shown = error.inner_text()
+            assert "Cell In[4], line 6, in check" in shown and "fal_magic/" not in shown  # the user's frames only
+            assert shown.count("ValueError: too big: 42") == 1
             page.locator(".jp-NotebookPanel:visible .jp-Notebook").screenshot(
                 path=os.path.join(shots, "notebook-presentation.png"))
         finally:

@@ -71,6 +71,7 @@ class ChainLink(TypedDict):
     message: str
     pickled: bytes | None
     link: Literal["cause", "context"] | None
+    frames: list[list[Any]]  # [file, line, function, source line] per frame, outermost first
 
 
 class ExceptionRecord(TypedDict):

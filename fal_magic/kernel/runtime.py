@@ -144,7 +144,10 @@ def describe_exception(exc: BaseException) -> dict:
             pickled = cloudpickle.dumps(current, protocol=PROTOCOL)
         except Exception:
             pickled = None
-        chain.append({"type": type_name(current), "message": str(current), "pickled": pickled, "link": link})
+        frames = [[f.filename, f.lineno or 0, f.name, f.line or ""]
+                  for f in traceback.extract_tb(current.__traceback__)]
+        chain.append({"type": type_name(current), "message": str(current), "pickled": pickled, "link": link,
+                      "frames": frames})
         current = nxt
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return {"chain": chain, "traceback": text}

@@ -17,6 +17,7 @@ import cloudpickle
 
 from ..errors import FalMagicError, RemoteError, SerializationError
 from .runtime import NestedCallError, add_note, describe_exception, dumps, loads, type_name
+from .tracebacks import attach, render_chain
 
 __all__ = ["dump_call", "dump_values", "load_result", "rebuild_exception", "describe_exception", "dumps", "loads"]
 
@@ -179,7 +180,8 @@ def rebuild_exception(payload: dict, requirements: Sequence[str] = (), fn: Calla
     """Rebuild the remote exception with its chain and remote traceback text; RemoteError if the type
     cannot be rebuilt here. With ``fn``, the traceback gets its file names and source lines back."""
     links = payload["chain"]
-    text = payload["traceback"] if fn is None else restore_frames(payload["traceback"], code_files(fn))
+    files = code_files(fn) if fn is not None else {}
+    text = restore_frames(payload["traceback"], files) if files else payload["traceback"]
     rebuilt: list[BaseException] = []
     for item in links:
         exc = None
@@ -199,15 +201,18 @@ def rebuild_exception(payload: dict, requirements: Sequence[str] = (), fn: Calla
         elif item["link"] == "context":
             exc.__context__ = nxt
     top = rebuilt[0]
+    hint: list[str] = []
     if isinstance(top, RemoteError):
         top.traceback_text = text
     else:
-        add_note(top, "\n--- traceback in the isolated kernel ---\n" + text.rstrip())
+        add_note(top, "\n--- traceback in the isolated kernel ---\n" + text.rstrip())  # plain Python shows it
+    attach(top, lambda: render_chain(links, files) + hint)  # IPython shows this instead, once
     if links[0]["type"] == "ModuleNotFoundError":
         missing = getattr(top, "name", None) or links[0]["message"]
         have = ", ".join(requirements) if requirements else "none"
         top_note = (f"hint: {missing!r} is not installed in the isolated environment "
                     f"(requirements: {have}); add it to requirements=[...]")
+        hint.append(top_note)
         if isinstance(top, RemoteError):
             top.traceback_text = text.rstrip() + "\n" + top_note
         else:

@@ -229,6 +229,9 @@ def test_progress_results_and_errors_read_well_in_jupyterlab(lab, tmp_path):
         _code_cell("%%isolated --requirements tabulate==99.0\nimport tabulate"),
         _code_cell("from fal_magic import isolated\n\n@isolated\ndef check(x):\n    if x > 10:\n"
                    "        raise ValueError(f'too big: {x}')\n    return x\n\ncheck(42)"),
+        _code_cell("@isolated(keep_alive=30)\ndef talk():\n    import time\n    time.sleep(2)\n"
+                   "    print('said in the background', flush=True)\n    return 7\n\nfuture = talk.submit()"),
+        _code_cell("print('the next cell got', future.result())"),
     ]}
     (tmp_path / "lab" / "presentation.ipynb").write_text(json.dumps(notebook))  # the lab fixture's root
     shots = os.environ.get("FAL_MAGIC_SCREENSHOT_DIR") or str(tmp_path)
@@ -264,7 +267,17 @@ def test_progress_results_and_errors_read_well_in_jupyterlab(lab, tmp_path):
             shown = error.inner_text()
             assert "Cell In[4], line 6, in check" in shown and "fal_magic/" not in shown  # the user's frames only
             assert shown.count("ValueError: too big: 42") == 1
+            news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news question, if asked
+            if news.count():
+                news.first.click()
             page.locator(".jp-NotebookPanel:visible .jp-Notebook").screenshot(
                 path=os.path.join(shots, "notebook-presentation.png"))
+            cells.nth(4).click()  # the focus again (answering the news question took it)
+            page.keyboard.press("Shift+Enter")  # a submitted call that prints after its cell has finished
+            page.keyboard.press("Shift+Enter")
+            cells.nth(5).locator(".jp-OutputArea-output", has_text="the next cell got 7").wait_for(timeout=120_000)
+            # the print reaches the cell that started the call, not the one running when it came
+            cells.nth(4).locator(".jp-OutputArea-output", has_text="said in the background").wait_for(timeout=30_000)
+            assert "said in the background" not in cells.nth(5).locator(".jp-OutputArea").inner_text()
         finally:
             browser.close()

@@ -1,6 +1,7 @@
 """The kernel list: the snapshot API, the text table, and the live widget in a real browser."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -159,55 +160,62 @@ def lab(tmp_path):
         log.close()
 
 
-def test_widget_in_jupyterlab(lab, tmp_path, fal_home):
+@contextlib.contextmanager
+def _notebook_page(lab, name: str, width: int, height: int):
+    """A page of Debian's Chromium showing notebook ``name`` of the ``lab`` server, its kernel idle."""
     from playwright.sync_api import sync_playwright
 
     url, token = lab
-    started = time.monotonic()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run", "--disable-quic"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{url}/lab/tree/widget.ipynb?token={token}")
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(f"{url}/lab/tree/{name}?token={token}")
             page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=90_000)
-            page.locator(".jp-Notebook .jp-Cell").first.click()
-            page.keyboard.press("Shift+Enter")
-            page.keyboard.press("Shift+Enter")
-
-            out = page.locator(".jp-OutputArea-output", has_text="kernel-pid")
-            out.wait_for(timeout=180_000)
-            kernel_pid = int(re.search(r"kernel-pid (\d+)", out.inner_text()).group(1))
-            assert pid_alive(kernel_pid)
-
-            row = page.locator(".jp-OutputArea-output .fal-magic-kernels .fal-magic-row", has_text=str(kernel_pid))
-            row.wait_for(timeout=60_000)
-            cells = row.locator(".widget-html")
-            assert "idle" in cells.nth(3).inner_text()
-            first = cells.nth(6).inner_text()
-            page.wait_for_timeout(2500)
-            second = cells.nth(6).inner_text()
-            assert first != second, "the countdown did not tick"
-            assert float(second.rstrip("s")) < float(first.rstrip("s"))
-
-            shot = tmp_path / "kernels-widget.png"
-            page.locator(".jp-OutputArea-output .fal-magic-kernels").screenshot(path=str(shot))
-            assert shot.stat().st_size > 1000
-            target = os.environ.get("FAL_MAGIC_SCREENSHOT")
-            if target:
-                shutil.copy(shot, target)
-
-            row.locator("button", has_text="shut down").click()
-            row.wait_for(state="detached", timeout=30_000)
-            assert wait_until(lambda: not pid_alive(kernel_pid), timeout=10)
-            table = page.locator(".jp-OutputArea-output .fal-magic-kernels")
-            assert table.locator(".fal-magic-row").count() == 1  # the other kernel is still listed
-            table.locator("button", has_text="shut down all").click()
-            table.locator(".fal-magic-row").first.wait_for(state="detached", timeout=30_000)
-            page.get_by_text("no warm kernels").wait_for(timeout=10_000)
+            yield page
         finally:
             browser.close()
+
+
+def test_widget_in_jupyterlab(lab, tmp_path, fal_home):
+    started = time.monotonic()
+    with _notebook_page(lab, "widget.ipynb", width=1400, height=900) as page:
+        page.locator(".jp-Notebook .jp-Cell").first.click()
+        page.keyboard.press("Shift+Enter")
+        page.keyboard.press("Shift+Enter")
+
+        out = page.locator(".jp-OutputArea-output", has_text="kernel-pid")
+        out.wait_for(timeout=180_000)
+        kernel_pid = int(re.search(r"kernel-pid (\d+)", out.inner_text()).group(1))
+        assert pid_alive(kernel_pid)
+
+        row = page.locator(".jp-OutputArea-output .fal-magic-kernels .fal-magic-row", has_text=str(kernel_pid))
+        row.wait_for(timeout=60_000)
+        cells = row.locator(".widget-html")
+        assert "idle" in cells.nth(3).inner_text()
+        first = cells.nth(6).inner_text()
+        page.wait_for_timeout(2500)
+        second = cells.nth(6).inner_text()
+        assert first != second, "the countdown did not tick"
+        assert float(second.rstrip("s")) < float(first.rstrip("s"))
+
+        shot = tmp_path / "kernels-widget.png"
+        page.locator(".jp-OutputArea-output .fal-magic-kernels").screenshot(path=str(shot))
+        assert shot.stat().st_size > 1000
+        target = os.environ.get("FAL_MAGIC_SCREENSHOT")
+        if target:
+            shutil.copy(shot, target)
+
+        row.locator("button", has_text="shut down").click()
+        row.wait_for(state="detached", timeout=30_000)
+        assert wait_until(lambda: not pid_alive(kernel_pid), timeout=10)
+        table = page.locator(".jp-OutputArea-output .fal-magic-kernels")
+        assert table.locator(".fal-magic-row").count() == 1  # the other kernel is still listed
+        table.locator("button", has_text="shut down all").click()
+        table.locator(".fal-magic-row").first.wait_for(state="detached", timeout=30_000)
+        page.get_by_text("no warm kernels").wait_for(timeout=10_000)
     print(f"browser test took {time.monotonic() - started:.1f}s")
 
 
@@ -218,9 +226,6 @@ def _code_cell(source: str) -> dict:
 def test_progress_results_and_errors_read_well_in_jupyterlab(lab, tmp_path):
     """A build's status line, an isolated cell's Out[n], a failed build and a remote error, as a
     person sees them in JupyterLab (screenshots for the README with FAL_MAGIC_SCREENSHOT_DIR)."""
-    from playwright.sync_api import sync_playwright
-
-    url, token = lab
     home = tmp_path / "fresh_home"  # a cache of its own: the first cell builds its environment
     notebook = {**NOTEBOOK, "cells": [
         _code_cell(f"import os\nos.environ['FAL_MAGIC_HOME'] = {str(home)!r}\n%load_ext fal_magic"),
@@ -235,49 +240,40 @@ def test_progress_results_and_errors_read_well_in_jupyterlab(lab, tmp_path):
     ]}
     (tmp_path / "lab" / "presentation.ipynb").write_text(json.dumps(notebook))  # the lab fixture's root
     shots = os.environ.get("FAL_MAGIC_SCREENSHOT_DIR") or str(tmp_path)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 1000})
-            page.goto(f"{url}/lab/tree/presentation.ipynb?token={token}")
-            page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=90_000)
-            cells = page.locator(".jp-NotebookPanel:visible .jp-CodeCell")
-            cells.nth(0).click()
-            page.keyboard.press("Shift+Enter")  # the setup cell
-            page.keyboard.press("Shift+Enter")  # the build
-            status = cells.nth(1).locator(".jp-OutputArea-output", has_text="fal_magic · text-unidecode==1.3")
-            status.wait_for(timeout=120_000)
-            result = cells.nth(1).locator(".jp-OutputArea-output", has_text="Aeroskobing")
-            result.wait_for(timeout=120_000)
-            prompt = cells.nth(1).locator(".jp-OutputArea-child", has_text="Aeroskobing").locator(".jp-OutputPrompt")
-            assert re.fullmatch(r"\[\d+\]:", prompt.inner_text().strip())  # the cell's result, with its prompt
-            assert "environment" in status.inner_text()  # collapsed to the summary
-            assert cells.nth(1).locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
-            page.keyboard.press("Shift+Enter")  # the failed build
-            failed = cells.nth(2).locator("[data-mime-type='application/vnd.jupyter.stderr']",
-                                          has_text="EnvironmentBuildError")
-            failed.wait_for(timeout=120_000)
-            text = failed.inner_text()
-            assert "tabulate==99.0" in text and "fal_magic/" not in text and len(text.splitlines()) <= 12
-            page.keyboard.press("Shift+Enter")  # the remote error
-            error = cells.nth(3).locator("[data-mime-type='application/vnd.jupyter.stderr']", has_text="too big: 42")
-            error.wait_for(timeout=120_000)
-            shown = error.inner_text()
-            assert "Cell In[4], line 6, in check" in shown and "fal_magic/" not in shown  # the user's frames only
-            assert shown.count("ValueError: too big: 42") == 1
-            news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news question, if asked
-            if news.count():
-                news.first.click()
-            page.locator(".jp-NotebookPanel:visible .jp-Notebook").screenshot(
-                path=os.path.join(shots, "notebook-presentation.png"))
-            cells.nth(4).click()  # the focus again (answering the news question took it)
-            page.keyboard.press("Shift+Enter")  # a submitted call that prints after its cell has finished
-            page.keyboard.press("Shift+Enter")
-            cells.nth(5).locator(".jp-OutputArea-output", has_text="the next cell got 7").wait_for(timeout=120_000)
-            # the print reaches the cell that started the call, not the one running when it came
-            cells.nth(4).locator(".jp-OutputArea-output", has_text="said in the background").wait_for(timeout=30_000)
-            assert "said in the background" not in cells.nth(5).locator(".jp-OutputArea").inner_text()
-        finally:
-            browser.close()
+    with _notebook_page(lab, "presentation.ipynb", width=1100, height=1000) as page:
+        cells = page.locator(".jp-NotebookPanel:visible .jp-CodeCell")
+        cells.nth(0).click()
+        page.keyboard.press("Shift+Enter")  # the setup cell
+        page.keyboard.press("Shift+Enter")  # the build
+        status = cells.nth(1).locator(".jp-OutputArea-output", has_text="fal_magic · text-unidecode==1.3")
+        status.wait_for(timeout=120_000)
+        result = cells.nth(1).locator(".jp-OutputArea-output", has_text="Aeroskobing")
+        result.wait_for(timeout=120_000)
+        prompt = cells.nth(1).locator(".jp-OutputArea-child", has_text="Aeroskobing").locator(".jp-OutputPrompt")
+        assert re.fullmatch(r"\[\d+\]:", prompt.inner_text().strip())  # the cell's result, with its prompt
+        assert "environment" in status.inner_text()  # collapsed to the summary
+        assert cells.nth(1).locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+        page.keyboard.press("Shift+Enter")  # the failed build
+        failed = cells.nth(2).locator("[data-mime-type='application/vnd.jupyter.stderr']",
+                                      has_text="EnvironmentBuildError")
+        failed.wait_for(timeout=120_000)
+        text = failed.inner_text()
+        assert "tabulate==99.0" in text and "fal_magic/" not in text and len(text.splitlines()) <= 12
+        page.keyboard.press("Shift+Enter")  # the remote error
+        error = cells.nth(3).locator("[data-mime-type='application/vnd.jupyter.stderr']", has_text="too big: 42")
+        error.wait_for(timeout=120_000)
+        shown = error.inner_text()
+        assert "Cell In[4], line 6, in check" in shown and "fal_magic/" not in shown  # the user's frames only
+        assert shown.count("ValueError: too big: 42") == 1
+        news = page.get_by_role("button", name="No", exact=True)  # JupyterLab's news question, if asked
+        if news.count():
+            news.first.click()
+        page.locator(".jp-NotebookPanel:visible .jp-Notebook").screenshot(
+            path=os.path.join(shots, "notebook-presentation.png"))
+        cells.nth(4).click()  # the focus again (answering the news question took it)
+        page.keyboard.press("Shift+Enter")  # a submitted call that prints after its cell has finished
+        page.keyboard.press("Shift+Enter")
+        cells.nth(5).locator(".jp-OutputArea-output", has_text="the next cell got 7").wait_for(timeout=120_000)
+        # the print reaches the cell that started the call, not the one running when it came
+        cells.nth(4).locator(".jp-OutputArea-output", has_text="said in the background").wait_for(timeout=30_000)
+        assert "said in the background" not in cells.nth(5).locator(".jp-OutputArea").inner_text()

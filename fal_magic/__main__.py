@@ -90,6 +90,8 @@ def envs_command(args: argparse.Namespace) -> int:
         if not records:
             print(f"no environments in {cache.envs_dir}")
             return 0
+        total = sum(r.size_bytes for r in records)
+        print(f"{len(records)} environment(s) in {cache.envs_dir}, {_human_size(total)} in all\n")
         print(f"{'KEY':<18}{'SIZE':>10}  {'LAST USED':<11} {'STATE':<8} REQUIREMENTS")
         for r in records:
             state = "built" if r.built else "partial"
@@ -112,13 +114,28 @@ def envs_command(args: argparse.Namespace) -> int:
             else:
                 print(f"removed {matches[0]}")
         return status
+    sizes = {r.key: r.size_bytes for r in cache.records()}
     removed = cache.prune(args.older_than)
-    print(f"removed {len(removed)} environment(s)" + (f": {', '.join(removed)}" if removed else ""))
+    freed = sum(sizes.get(key, 0) for key in removed)
+    print(f"removed {len(removed)} environment(s)" + (f": {', '.join(removed)}" if removed else "")
+          + (f" (freed {_human_size(freed)})" if removed else ""))
     return 0
 
 
+DESCRIPTION = """\
+fal_magic runs Python functions and notebook cells in isolated, warm Jupyter kernels.
+
+  python -m fal_magic demo             a cold call, warm calls, then the idle culler
+  python -m fal_magic envs list        the cached environments
+  python -m fal_magic envs rm KEY      remove one (not while a kernel uses it)
+  python -m fal_magic envs prune       remove unfinished builds and long-unused environments
+
+The environment cache is $FAL_MAGIC_HOME/envs (default: the user cache directory)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fal_magic", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fal_magic", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="show a cold call, warm calls and the idle culler")
     p_demo.add_argument("--keep-alive", type=float, default=3.0, help="seconds (default 3)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from traitlets import Bool, Enum, Float, TraitError, Unicode
+from traitlets import Bool, Dict, Enum, Float, TraitError, Unicode
 from traitlets.config import Configurable
 
 from .errors import FalMagicError
@@ -55,6 +55,11 @@ class FalMagic(Configurable):
     )
     token = Unicode(
         "", config=True, help="The remote Jupyter Server's token (default: $FAL_MAGIC_TOKEN, else none)."
+    )
+    kernel_env = Dict(
+        value_trait=Unicode(), key_trait=Unicode(), config=True,
+        help="Environment variables for every isolated kernel on this machine (secrets included: never "
+             "shown); a call's own env= adds to them and wins.",
     )
     allow_plain_http = Bool(
         False, config=True,

@@ -13,7 +13,7 @@ import numbers
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
 from .config import settings
@@ -42,6 +42,7 @@ class Options(TypedDict):
     max_kernels: int
     machine_type: str | None
     host: str | None
+    env: dict[str, str] | None
 
 
 _OPTION_NAMES = tuple(Options.__annotations__)
@@ -69,6 +70,19 @@ def _background() -> concurrent.futures.ThreadPoolExecutor:
         if _executor is None:
             _executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fal_magic")
         return _executor
+
+
+def check_env(env: Any) -> dict[str, str] | None:
+    """``env`` as a dict of variable names to values; FalMagicError (naming no value) otherwise."""
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise FalMagicError(f"env must be a dict of variable names to values, not {type(env).__name__}")
+    bad = [str(k) for k, v in env.items()
+           if not isinstance(k, str) or not k or "=" in k or "\0" in k or not isinstance(v, str) or "\0" in v]
+    if bad:
+        raise FalMagicError(f"env: these variables need a name without '=' and a string value: {', '.join(bad)}")
+    return dict(env)
 
 
 def _check_options(kind: str, keep_alive: float | None, max_kernels: int, host: str | None = None) -> None:
@@ -101,7 +115,7 @@ class IsolatedFunction:
 
     def __init__(self, func: Callable[..., Any], *, kind: str = "virtualenv", requirements: Iterable[str] | str = (),
                  keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None,
-                 host: str | None = None) -> None:
+                 host: str | None = None, env: Mapping[str, str] | None = None) -> None:
         if not callable(func):
             raise FalMagicError(f"@isolated decorates a function, not {type(func).__name__}")
         _check_options(kind, keep_alive, max_kernels, host)
@@ -110,7 +124,8 @@ class IsolatedFunction:
         self.func = func
         self.spec: EnvSpec = make_spec(requirements)
         self._options: Options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,
-                                  "max_kernels": max_kernels, "machine_type": machine_type, "host": host}
+                                  "max_kernels": max_kernels, "machine_type": machine_type, "host": host,
+                                  "env": check_env(env)}
         functools.update_wrapper(self, func)
 
     @property
@@ -158,7 +173,7 @@ class IsolatedFunction:
         try:
             reply = get_pool().call(self.spec, frames, sink or CallerOutput(), keep_alive=self.keep_alive,
                                     max_kernels=self.max_kernels, machine_type=self._options["machine_type"],
-                                    host=self._options["host"], progress=status)
+                                    host=self._options["host"], progress=status, env=self._options["env"])
         except BaseException:
             status.finish(ok=False)
             raise
@@ -215,7 +230,7 @@ class IsolatedFunction:
             try:  # hold each new kernel so that the next acquire starts another, up to max_kernels
                 for _ in range(self.max_kernels):
                     leased.append(pool.acquire(self.spec, self.max_kernels, machine_type=self._options["machine_type"],
-                                               host=self._options["host"]))
+                                               host=self._options["host"], env=self._options["env"]))
             finally:
                 for kernel in leased:
                     pool.release(kernel, self.keep_alive)
@@ -225,21 +240,24 @@ class IsolatedFunction:
 
 def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Iterable[str] | str = (),
              keep_alive: float | None = None, max_kernels: int = 1,
-             machine_type: str | None = None, host: str | None = None) -> Any:
+             machine_type: str | None = None, host: str | None = None, env: Mapping[str, str] | None = None) -> Any:
     """Run the decorated function in a warm, isolated kernel whose environment has ``requirements``.
 
     Usable bare (``@isolated``), with parentheses, or with the environment kind first
     (``@isolated("virtualenv", requirements=[...])``), as in fal_serverless. ``host`` is a Jupyter
     Server URL with the fal_magic extension (default: the configured ``host``; "" is this machine).
+    ``env`` gives the kernel environment variables (secrets included): never shown, not part of the
+    requirements key, and kernels with other values are other kernels.
     """
     if callable(kind):
         return IsolatedFunction(kind, requirements=requirements, keep_alive=keep_alive,
-                                max_kernels=max_kernels, machine_type=machine_type, host=host)
+                                max_kernels=max_kernels, machine_type=machine_type, host=host, env=env)
     _check_options(kind, keep_alive, max_kernels, host)
+    check_env(env)
     make_spec(requirements)  # a bad requirement fails at decoration, before anything is built
 
     def decorate(func: Callable[..., Any]) -> IsolatedFunction:
         return IsolatedFunction(func, kind=kind, requirements=requirements, keep_alive=keep_alive,
-                                max_kernels=max_kernels, machine_type=machine_type, host=host)
+                                max_kernels=max_kernels, machine_type=machine_type, host=host, env=env)
 
     return decorate

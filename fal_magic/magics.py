@@ -4,6 +4,7 @@ A thin layer over the same pool lease and kernel requests that ``@isolated`` use
 """
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any
 
@@ -49,6 +50,21 @@ def _calling_cell_number(shell: Any) -> int:
     return number if isinstance(number, int) else int(shell.execution_count)
 
 
+def _variables(items: list[str]) -> dict[str, str]:
+    """``["TOKEN", "MODE=fast"]`` -> variables for the kernel; ``TOKEN`` alone is the notebook's value."""
+    variables = {}
+    for item in items:
+        name, has_value, value = item.partition("=")
+        if not name or "\0" in item:
+            raise UsageError(f"--env takes NAME or NAME=VALUE, not {name or item!r}")
+        if not has_value:
+            if name not in os.environ:
+                raise UsageError(f"--env {name}: the notebook has no variable {name} to pass on")
+            value = os.environ[name]
+        variables[name] = value
+    return variables
+
+
 @magics_class
 class IsolatedMagics(Magics):
     """The fal_magic magics."""
@@ -65,6 +81,8 @@ class IsolatedMagics(Magics):
               help="PEP 508 requirement specifiers for the cell's environment")
     @argument("--host", default=None, metavar="URL",
               help="a Jupyter Server with the fal_magic extension to run the cell on (default: FalMagic.host)")
+    @argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+              help="an environment variable for the kernel; NAME alone takes the notebook's own value")
     @argument("--push", action="append", default=[], metavar="NAME[,NAME...]",
               help="notebook variables to send into the kernel before the cell runs")
     @argument("--pull", action="append", default=[], metavar="NAME[,NAME...]",
@@ -87,6 +105,7 @@ class IsolatedMagics(Magics):
         except EnvironmentBuildError as exc:
             raise UsageError(str(exc)) from None
         push, pull = _names(args.push), _names(args.pull)
+        env = _variables(args.env)
         missing = [n for n in push if n not in shell.user_ns]
         if missing:
             raise UsageError(f"--push: not defined in the notebook: {', '.join(missing)}")
@@ -103,7 +122,7 @@ class IsolatedMagics(Magics):
         pulled: dict[str, Any] = {}
         status = StatusLine(describe_requirements(spec.requirements))
         try:
-            kernel = pool.acquire(spec, progress=status, host=args.host)
+            kernel = pool.acquire(spec, progress=status, host=args.host, env=env)
         except BaseException:
             status.finish(ok=False)
             raise

@@ -25,6 +25,7 @@ def test_envs_list_rm_and_prune(tmp_path):
     (home / "envs" / "deadbeefdeadbeef" / "bin").mkdir(parents=True)  # remains of a killed build
 
     listing = cli(home, "envs", "list").stdout
+    assert listing.startswith(f"2 environment(s) in {home / 'envs'}, ") and "in all" in listing
     assert spec.key in listing and "built" in listing and "partial" in listing and "MiB" in listing
 
     pruned = cli(home, "envs", "prune", "--older-than", "1")
@@ -91,6 +92,13 @@ def test_prune_by_age_skips_recent_environments_and_those_in_use(tmp_path):
         pruned = cli(home, "envs", "prune", "--older-than", "2")
     finally:
         cache.release(used.key)
-    assert pruned.returncode == 0 and pruned.stdout.strip() == f"removed 1 environment(s): {old.key}"
+    assert pruned.returncode == 0 and pruned.stdout.startswith(f"removed 1 environment(s): {old.key} (freed ")
+    assert "MiB)" in pruned.stdout
     left = cli(home, "envs", "list").stdout
     assert old.key not in left and used.key in left and recent.key in left
+
+
+def test_help_names_the_commands_and_the_cache_variable():
+    out = subprocess.run([sys.executable, "-m", "fal_magic", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "$FAL_MAGIC_HOME" in out.stdout and "envs prune" in out.stdout
+    assert "``" not in out.stdout  # no reST markup

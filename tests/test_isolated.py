@@ -20,6 +20,7 @@ from fal_magic import (
     RemoteError,
     SerializationError,
     isolated,
+    kernels,
 )
 from fal_magic.kernel import get_pool
 
@@ -574,3 +575,39 @@ def test_the_pip_installer_builds_an_environment(tmp_path):
     assert nice(10**6) == "1,000,000"
     [marker] = (tmp_path / "home" / "envs").glob("*/fal_magic-env.json")
     assert json.loads(marker.read_text())["installer"] == "pip"
+
+
+def test_environment_variables_reach_the_kernel_and_are_never_shown(monkeypatch, caplog):
+    import logging
+
+    secret = "sk-test-0123456789"
+    caplog.set_level(logging.DEBUG, logger="fal_magic")
+
+    @isolated(keep_alive=30, env={"FAL_TEST_TOKEN": secret})
+    def token():
+        import os
+
+        return os.environ.get("FAL_TEST_TOKEN"), os.getpid()
+
+    value, first = token()
+    assert value == secret
+    other_value, other = token.on(env={"FAL_TEST_TOKEN": "another"})()
+    assert other_value == "another" and other != first  # other values: another kernel
+    assert token()[1] == first  # the same values: the same warm kernel
+    fal_magic.configure(kernel_env={"FAL_TEST_DEFAULT": "from-config"})
+
+    @isolated(keep_alive=30)
+    def default():
+        import os
+
+        return os.environ.get("FAL_TEST_DEFAULT")
+
+    assert default() == "from-config"
+    shown = kernels().text() + kernels()._repr_html_() + repr(token) + caplog.text
+    shown += "".join(repr(k) for k in kernels())
+    assert secret not in shown and "another" not in shown and "from-config" not in shown
+    with pytest.raises(FalMagicError, match="need a name without '=' and a string value: A=B") as info:
+        isolated(env={"A=B": "x"})
+    assert "x" not in str(info.value).split(":")[-1]
+    with pytest.raises(FalMagicError, match="env must be a dict"):
+        isolated(env=["FAL_TEST_TOKEN"])

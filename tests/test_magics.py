@@ -186,3 +186,13 @@ def test_cells_keep_their_namespace_for_interactive_work_and_say_when_it_is_gone
         "[fal_magic] the previous kernel of this environment was shut down: its variables are gone\n")
     result, out = run(ip, "%%isolated\nx = 1\nx + 1")
     assert repr(result.result) == "2" and "[fal_magic]" not in out.stdout  # said once
+
+
+def test_env_passes_named_variables_to_the_cell_kernel(ip, monkeypatch):
+    monkeypatch.setenv("FAL_TEST_FROM_NOTEBOOK", "nb-value")
+    result, out = run(ip, "%%isolated --env FAL_TEST_FROM_NOTEBOOK --env FAL_TEST_SET=direct\n"
+                          "import os\nprint(os.environ['FAL_TEST_FROM_NOTEBOOK'], os.environ['FAL_TEST_SET'])")
+    assert result.success, result.error_in_exec
+    assert out.stdout.startswith("nb-value direct")
+    result, _ = run(ip, "%%isolated --env FAL_TEST_NOT_SET_ANYWHERE\n1")
+    assert "the notebook has no variable FAL_TEST_NOT_SET_ANYWHERE" in str(result.error_in_exec)

@@ -273,3 +273,14 @@ def test_the_orphan_culler_spares_a_kernel_whose_host_is_connected(remote):
     first = where()
     time.sleep(ORPHAN_TIMEOUT + 3)  # past the orphan timeout, connected all along
     assert where() == first and len(_api(remote, "/api/kernels")) == 1
+
+
+def test_environment_variables_for_a_remote_kernel_are_a_clear_error(remote):
+    @isolated(keep_alive=30, env={"FAL_TEST_TOKEN": "secret-value"})
+    def one():
+        return 1
+
+    with pytest.raises(FalMagicError, match="cannot be given to a kernel on the Jupyter Server") as info:
+        one()
+    assert "FAL_TEST_TOKEN" in str(info.value) and "secret-value" not in str(info.value)
+    assert not _api(remote, "/api/kernels")

@@ -93,9 +93,10 @@ class Reply:
     buffers: list[Any] = field(default_factory=list)
 
 
-def slot_name(key: str, host: str | None) -> str:
-    """The pool's name for a group of kernels: the key, and the host for remote ones."""
-    return key if host is None else f"{key}@{host}"
+def slot_name(key: str, host: str | None, env_tag: str = "") -> str:
+    """The pool's name for a group of kernels: the key, the host for remote ones, and a tag of the
+    kernel's environment variables (kernels with other values are other kernels)."""
+    return key + ("" if host is None else f"@{host}") + (f"+env-{env_tag}" if env_tag else "")
 
 
 class Kernel(abc.ABC):
@@ -119,10 +120,11 @@ class Kernel(abc.ABC):
         self.machine_type: str | None = None
         self.kill_reason: str | None = None
         self.comm_id = uuid.uuid4().hex
+        self.env_tag = ""  # a keyed digest of its environment variables (set by the pool; never the values)
 
     @property
     def slot(self) -> str:
-        return slot_name(self.key, self.host)
+        return slot_name(self.key, self.host, self.env_tag)
 
     # -- life cycle ----------------------------------------------------------------------
 

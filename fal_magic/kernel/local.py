@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 from queue import Empty
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
@@ -114,9 +114,10 @@ class LocalKernel(Kernel):
     """One kernel process on this machine, a child of the host, and its client."""
 
     def __init__(self, key: str, requirements: tuple[str, ...], cache: EnvCache, runtime_dir: Path,
-                 shm_dir: Path | None = None) -> None:
+                 shm_dir: Path | None = None, env: Mapping[str, str] | None = None) -> None:
         super().__init__(key, requirements)
         self.cache = cache
+        self.env = dict(env or {})  # the caller's variables for this kernel (never shown)
         self.runtime_dir = runtime_dir
         self.shm_dir = shm_dir
         self.log_path = runtime_dir / f"kernel-{self.id}.log"
@@ -149,6 +150,7 @@ class LocalKernel(Kernel):
         fast_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-fast'}"
         child_env = {k: v for k, v in os.environ.items()
                      if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
+        child_env.update(self.env)
         child_env.update(
             kernel_env(env.path, os.environ.get("PATH", "")),
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),

@@ -9,6 +9,9 @@ whose host is killed exits by itself (ipykernel polls its parent, JPY_PARENT_PID
 from __future__ import annotations
 
 import atexit
+import hashlib
+import hmac
+import json
 import logging
 import os
 import shutil
@@ -18,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, make_spec
@@ -127,13 +130,22 @@ class KernelPool:
         return check_url(host, self.config.allow_plain_http) if host else None
 
     def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log_progress,
-                machine_type: str | None = None, host: str | None = None) -> Kernel:
-        """Lease an idle kernel of ``spec``'s key (on ``host``, see ``host_url``), starting one if all
-        are busy and there is room."""
+                machine_type: str | None = None, host: str | None = None, *,
+                env: Mapping[str, str] | None = None) -> Kernel:
+        """Lease an idle kernel of ``spec``'s key (on ``host``, see ``host_url``) whose environment
+        variables are ``env`` (over ``FalMagic.kernel_env``), starting one if all are busy and there
+        is room."""
         if max_kernels < 1:
             raise FalMagicError(f"max_kernels must be at least 1, not {max_kernels}")
         url = self.host_url(host)
-        key = slot_name(spec.key, url)
+        variables = {**self.config.kernel_env, **(env or {})}
+        if variables and url is not None:
+            raise FalMagicError(
+                f"environment variables ({', '.join(sorted(variables))}) cannot be given to a kernel on the "
+                f"Jupyter Server at {url}: its kernels API takes none, and writing them into a kernelspec "
+                "would leave them on the server's disk; set them on the server instead")
+        tag = _env_tag(variables)
+        key = slot_name(spec.key, url, tag)
         with self._cond:
             if self._closed:
                 raise FalMagicError("fal_magic is shutting down")
@@ -150,8 +162,8 @@ class KernelPool:
                         return k
                 else:
                     if len(kernels) < max_kernels:
-                        kernel = self._new_kernel(spec, url)
-                        kernel.machine_type = machine_type
+                        kernel = self._new_kernel(spec, url, variables)
+                        kernel.machine_type, kernel.env_tag = machine_type, tag
                         kernels.append(kernel)
                         break
                     self._cond.wait()
@@ -172,10 +184,10 @@ class KernelPool:
             raise KernelStartError("the new kernel was shut down before its first call")
         return kernel
 
-    def _new_kernel(self, spec: EnvSpec, url: str | None) -> Kernel:
+    def _new_kernel(self, spec: EnvSpec, url: str | None, env: Mapping[str, str]) -> Kernel:
         """A kernel of the kind that runs where ``url`` says: this machine (None) or a Jupyter Server."""
         if url is None:
-            return LocalKernel(spec.key, spec.requirements, self._cache(), self.runtime_dir(), self._shm_dir)
+            return LocalKernel(spec.key, spec.requirements, self._cache(), self.runtime_dir(), self._shm_dir, env)
         return RemoteKernel(spec.key, spec.requirements, ServerClient(url, self.config.resolved_token()))
 
     def release(self, kernel: Kernel, keep_alive: float) -> None:
@@ -217,9 +229,10 @@ class KernelPool:
 
     @contextmanager
     def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1, progress: Progress = log_progress,
-              machine_type: str | None = None, host: str | None = None) -> Iterator[Kernel]:
+              machine_type: str | None = None, host: str | None = None, *,
+              env: Mapping[str, str] | None = None) -> Iterator[Kernel]:
         """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
-        kernel = self.acquire(spec, max_kernels, progress, machine_type, host)
+        kernel = self.acquire(spec, max_kernels, progress, machine_type, host, env=env)
         try:
             yield kernel
         finally:
@@ -229,7 +242,7 @@ class KernelPool:
 
     def call(self, spec: EnvSpec, frames: Frames, sink: OutputSink, *, keep_alive: float,
              max_kernels: int = 1, progress: Progress = log_progress, machine_type: str | None = None,
-             chain: tuple[str, ...] = (), host: str | None = None) -> Reply:
+             chain: tuple[str, ...] = (), host: str | None = None, env: Mapping[str, str] | None = None) -> Reply:
         """Run a pickled call on a warm kernel of ``spec``'s key.
 
         A kernel found dead before it began the call (it crashed while idle) is replaced once.
@@ -238,11 +251,11 @@ class KernelPool:
         """
         nested = self._nested_calls((*chain, spec.key))
         try:
-            with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host) as kernel:
+            with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host, env=env) as kernel:
                 return kernel.call(frames, sink, self.config.interrupt_grace, nested)
         except NotStartedError:
             pass
-        with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host) as kernel:
+        with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host, env=env) as kernel:
             return kernel.call(frames, sink, self.config.interrupt_grace, nested)
 
     def _nested_calls(self, chain: tuple[str, ...]) -> NestedHandler:
@@ -264,7 +277,7 @@ class KernelPool:
                                   keep_alive=self.config.default_keep_alive if keep_alive is None else keep_alive,
                                   max_kernels=options.get("max_kernels", 1),
                                   machine_type=options.get("machine_type"), chain=chain,
-                                  host=options.get("host"))
+                                  host=options.get("host"), env=options.get("env"))
             except BaseException as exc:
                 return b"exception", dumps(describe_exception(exc))
             if reply.content.get("ok"):
@@ -348,6 +361,18 @@ class KernelPool:
                            machine_type=k.machine_type, host=k.host)
                 for ks in self._kernels.values() for k in ks
             ]
+
+
+#: Keys the tags of kernels' environment variables: a tag tells kernels apart, and since it is keyed
+#: with a secret of this process, it says nothing about the values (which may be secrets).
+_ENV_TAG_KEY = os.urandom(32)
+
+
+def _env_tag(variables: Mapping[str, str]) -> str:
+    if not variables:
+        return ""
+    blob = json.dumps(sorted(variables.items())).encode()
+    return hmac.new(_ENV_TAG_KEY, blob, hashlib.sha256).hexdigest()[:12]
 
 
 def _close_idle_event_loop() -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 
 from .config import settings
 from .envs import EnvSpec, make_spec
+from .envs.reqfile import Requirements, expand
 from .envs.spec import describe_requirements
 from .errors import FalMagicError
 from .kernel import get_pool
@@ -113,7 +114,7 @@ def _warn_machine_type(machine_type: str) -> None:
 class IsolatedFunction:
     """A function bound to an environment; calling it runs it in that environment's warm kernel."""
 
-    def __init__(self, func: Callable[..., Any], *, kind: str = "virtualenv", requirements: Iterable[str] | str = (),
+    def __init__(self, func: Callable[..., Any], *, kind: str = "virtualenv", requirements: Requirements = (),
                  keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None,
                  host: str | None = None, env: Mapping[str, str] | None = None) -> None:
         if not callable(func):
@@ -122,7 +123,7 @@ class IsolatedFunction:
         if machine_type is not None:
             _warn_machine_type(machine_type)
         self.func = func
-        self.spec: EnvSpec = make_spec(requirements)
+        self.spec: EnvSpec = make_spec(expand(requirements))
         self._options: Options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,
                                   "max_kernels": max_kernels, "machine_type": machine_type, "host": host,
                                   "env": check_env(env)}
@@ -238,7 +239,7 @@ class IsolatedFunction:
         return _background().submit(start)
 
 
-def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Iterable[str] | str = (),
+def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Requirements = (),
              keep_alive: float | None = None, max_kernels: int = 1,
              machine_type: str | None = None, host: str | None = None, env: Mapping[str, str] | None = None) -> Any:
     """Run the decorated function in a warm, isolated kernel whose environment has ``requirements``.
@@ -254,7 +255,7 @@ def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Ite
                                 max_kernels=max_kernels, machine_type=machine_type, host=host, env=env)
     _check_options(kind, keep_alive, max_kernels, host)
     check_env(env)
-    make_spec(requirements)  # a bad requirement fails at decoration, before anything is built
+    make_spec(expand(requirements))  # a bad requirement (or file) fails at decoration, before anything is built
 
     def decorate(func: Callable[..., Any]) -> IsolatedFunction:
         return IsolatedFunction(func, kind=kind, requirements=requirements, keep_alive=keep_alive,

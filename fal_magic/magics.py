@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -14,6 +15,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from .config import FalMagic, settings
 from .envs import make_spec
+from .envs.reqfile import expand
 from .envs.spec import describe_requirements
 from .errors import EnvironmentBuildError, FalMagicError, RemoteError
 from .kernel import get_pool
@@ -79,6 +81,8 @@ class IsolatedMagics(Magics):
               help="seconds the kernel stays warm after the cell (default: FalMagic.cell_keep_alive, 10 min)")
     @argument("--requirements", nargs="+", default=[], metavar="REQ",
               help="PEP 508 requirement specifiers for the cell's environment")
+    @argument("--requirements-file", action="append", default=[], metavar="PATH",
+              help="a pip requirements file (comments and -r includes) for the cell's environment")
     @argument("--host", default=None, metavar="URL",
               help="a Jupyter Server with the fal_magic extension to run the cell on (default: FalMagic.host)")
     @argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
@@ -101,7 +105,7 @@ class IsolatedMagics(Magics):
         if args.keep_alive is not None and args.keep_alive < 0:
             raise UsageError(f"--keep-alive must be >= 0, not {args.keep_alive:g}")
         try:
-            spec = make_spec(args.requirements)
+            spec = make_spec(args.requirements + expand([Path(p) for p in args.requirements_file]))
         except EnvironmentBuildError as exc:
             raise UsageError(str(exc)) from None
         push, pull = _names(args.push), _names(args.pull)

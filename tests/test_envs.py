@@ -137,3 +137,52 @@ def test_a_new_env_links_the_bytecode_its_kernel_needs_from_an_env_already_used(
         magic, flags, mtime, size = struct.unpack("<4sLLL", compiled.read_bytes()[:16])
         st = source.stat()
         assert flags == 0 and mtime == int(st.st_mtime) & 0xFFFFFFFF and size == st.st_size  # valid for Python
+
+
+def test_a_requirements_file_with_comments_and_an_include_is_read_and_edits_change_the_key(tmp_path):
+    from fal_magic.envs.reqfile import expand
+
+    (tmp_path / "base.txt").write_text("# shared pins\nhumanize==4.16.0  # formatting\n")
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("-r base.txt\n\ntext-unidecode==1.3 ; python_version >= '3' \\\n    \n")
+    assert expand(str(reqs)) == ["humanize==4.16.0", "text-unidecode==1.3 ; python_version >= '3'"]
+    assert expand([reqs, "pyjokes"]) == [*expand(reqs), "pyjokes"]
+
+    @isolated(keep_alive=0, requirements=str(reqs))
+    def both(n):
+        import humanize
+        import text_unidecode
+
+        return humanize.intcomma(n), text_unidecode.unidecode("Ærø")
+
+    assert both(1000) == ("1,000", "AEro")
+    first_key = both.spec.key
+    reqs.write_text("-r base.txt\n")
+    assert isolated(requirements=reqs)(lambda: 1).spec.key != first_key  # the key follows the content
+
+    reqs.write_text("humanize==4.16.0\n--index-url https://user:pw@example.invalid/simple\n")
+    with pytest.raises(EnvironmentBuildError, match=r"requirements.txt, line 2: the option --index-url is not "
+                                                    r"supported in requirements files yet"):
+        isolated(requirements=reqs)
+    reqs.write_text("humanize==4.16.0\nnot a requirement!!\n")
+    with pytest.raises(EnvironmentBuildError, match="invalid requirement"):
+        isolated(requirements=reqs)
+    with pytest.raises(EnvironmentBuildError, match="cannot read requirements file .*missing.txt"):
+        isolated(requirements=str(tmp_path / "missing.txt"))
+
+
+def test_the_cell_magic_reads_a_requirements_file(tmp_path):
+    from IPython.testing.globalipapp import get_ipython
+    from IPython.utils.capture import capture_output
+
+    (tmp_path / "requirements.txt").write_text("humanize==4.16.0\n")
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "fal_magic")
+    try:
+        with capture_output() as out:
+            result = ip.run_cell(f"%%isolated --requirements-file {tmp_path / 'requirements.txt'}\n"
+                                 "import humanize\nprint(humanize.intcomma(10**6))")
+        assert result.success, result.error_in_exec
+        assert "1,000,000" in out.stdout
+    finally:
+        ip.run_line_magic("unload_ext", "fal_magic")

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from traitlets import Bool, Dict, Enum, Float, TraitError, Unicode
+from traitlets import Bool, Dict, Enum, Float, List, TraitError, Unicode
 from traitlets.config import Configurable
 
+from .envs.spec import mask_credentials
 from .errors import FalMagicError
 
 HOME_ENV = "FAL_MAGIC_HOME"
@@ -48,6 +49,15 @@ class FalMagic(Configurable):
         5.0, min=0.0, config=True,
         help="Seconds an interrupted call may take to stop before its kernel is restarted.",
     )
+
+    index_url = Unicode(
+        "", config=True,
+        help="Package index for environments built here (over uv's and pip's configuration); credentials in "
+             "the URL are never shown and not part of the environment key.",
+    )
+    extra_index_urls = List(Unicode(), config=True, help="More package indexes for environments built here.")
+    find_links = List(Unicode(), config=True,
+                      help="Directories or pages of distribution files for environments built here.")
 
     host = Unicode(
         "", config=True,
@@ -112,5 +122,5 @@ def configure(**options: Any) -> FalMagic:
         try:
             setattr(current, name, value)
         except TraitError as exc:
-            raise FalMagicError(f"bad value for setting {name!r}: {exc}") from None
+            raise FalMagicError(f"bad value for setting {name!r}: {mask_credentials(str(exc))}") from None
     return current

@@ -13,12 +13,13 @@ import numbers
 import os
 import threading
 import warnings
+from dataclasses import asdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
 from .config import settings
-from .envs import EnvSpec, make_spec
-from .envs.reqfile import Requirements, expand
+from .envs import EnvSpec, spec_for
+from .envs.reqfile import Requirements
 from .envs.spec import describe_requirements
 from .errors import FalMagicError
 from .kernel import get_pool
@@ -39,6 +40,9 @@ class Options(TypedDict):
 
     kind: str
     requirements: tuple[str, ...]
+    #: What requirements files added besides requirements (plain data: they travel into kernels).
+    indexes: dict[str, Any] | None
+    constraints: tuple[str, ...]
     keep_alive: float | None
     max_kernels: int
     machine_type: str | None
@@ -116,15 +120,18 @@ class IsolatedFunction:
 
     def __init__(self, func: Callable[..., Any], *, kind: str = "virtualenv", requirements: Requirements = (),
                  keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None,
-                 host: str | None = None, env: Mapping[str, str] | None = None) -> None:
+                 host: str | None = None, env: Mapping[str, str] | None = None,
+                 indexes: dict[str, Any] | None = None, constraints: tuple[str, ...] = ()) -> None:
         if not callable(func):
             raise FalMagicError(f"@isolated decorates a function, not {type(func).__name__}")
         _check_options(kind, keep_alive, max_kernels, host)
         if machine_type is not None:
             _warn_machine_type(machine_type)
         self.func = func
-        self.spec: EnvSpec = make_spec(expand(requirements))
-        self._options: Options = {"kind": kind, "requirements": self.spec.requirements, "keep_alive": keep_alive,
+        self.spec: EnvSpec = spec_for(requirements, indexes, constraints)
+        self._options: Options = {"kind": kind, "requirements": self.spec.requirements,
+                                  "indexes": None if self.spec.indexes.is_default else asdict(self.spec.indexes),
+                                  "constraints": self.spec.constraints, "keep_alive": keep_alive,
                                   "max_kernels": max_kernels, "machine_type": machine_type, "host": host,
                                   "env": check_env(env)}
         functools.update_wrapper(self, func)
@@ -255,7 +262,7 @@ def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Req
                                 max_kernels=max_kernels, machine_type=machine_type, host=host, env=env)
     _check_options(kind, keep_alive, max_kernels, host)
     check_env(env)
-    make_spec(expand(requirements))  # a bad requirement (or file) fails at decoration, before anything is built
+    spec_for(requirements)  # a bad requirement (or file) fails at decoration, before anything is built
 
     def decorate(func: Callable[..., Any]) -> IsolatedFunction:
         return IsolatedFunction(func, kind=kind, requirements=requirements, keep_alive=keep_alive,

@@ -14,8 +14,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .config import FalMagic, settings
-from .envs import make_spec
-from .envs.reqfile import expand
+from .envs import spec_for
 from .envs.spec import describe_requirements
 from .errors import EnvironmentBuildError, FalMagicError, RemoteError
 from .kernel import get_pool
@@ -105,7 +104,7 @@ class IsolatedMagics(Magics):
         if args.keep_alive is not None and args.keep_alive < 0:
             raise UsageError(f"--keep-alive must be >= 0, not {args.keep_alive:g}")
         try:
-            spec = make_spec(args.requirements + expand([Path(p) for p in args.requirements_file]))
+            spec = spec_for([*args.requirements, *(Path(p) for p in args.requirements_file)])
         except EnvironmentBuildError as exc:
             raise UsageError(str(exc)) from None
         push, pull = _names(args.push), _names(args.pull)

@@ -19,6 +19,13 @@ import pytest
 # suite was started by a parent that ignores SIGINT (a job started with '&' by a non-interactive shell).
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# Package sources come from PyPI unless a test says otherwise: the machine's pip and uv configuration
+# (a local mirror, find-links) must not decide what the suite installs; the index tests set their own.
+os.environ["PIP_CONFIG_FILE"] = os.devnull
+for _name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "UV_DEFAULT_INDEX",
+              "UV_INDEX_URL", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS", "UV_NO_INDEX"):
+    os.environ.pop(_name, None)
+
 #: The token of the test Jupyter Server, and how long it lets a kernel without a host live.
 TOKEN = "fal-magic-test-token"
 ORPHAN_TIMEOUT = 3

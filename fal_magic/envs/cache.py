@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from packaging.utils import canonicalize_name
 
 from ..errors import EnvironmentBuildError, FalMagicError
 from .bytecode import link_bytecode
-from .installers import InstallFailed, pick_installer
+from .installers import InstallFailed, Installer, pick_installer
+from .local import LocalPackage
 from .spec import EnvSpec, describe_requirements, mask_credentials
 
 MARKER = "fal_magic-env.json"
@@ -187,6 +189,8 @@ class EnvCache:
     def _build(self, spec: EnvSpec, path: Path, progress: Progress) -> None:
         """Build in place under the exclusive lock; on any failure remove everything built."""
         progress(f"building environment {spec.key} ({describe_requirements(spec.requirements)})")
+        if spec.indexes.describe():
+            progress("packages from: " + "; ".join(spec.indexes.describe()))
         started = time.perf_counter()
         if path.exists():
             progress("removing the remains of an unfinished build")
@@ -202,7 +206,7 @@ class EnvCache:
             step = time.perf_counter()
             python = path / "bin" / "python"
             try:
-                installer.install(python, spec.install_list, lambda line: progress(INSTALLER_LINE + line))
+                self._install(installer, python, spec, progress)
             except InstallFailed as exc:
                 raise EnvironmentBuildError(self._install_message(spec, exc.output, installer.name)) from None
             progress(f"installed {describe_requirements(spec.requirements)} with {installer.name} "
@@ -217,6 +221,9 @@ class EnvCache:
                 "requirements": [mask_credentials(r) for r in spec.requirements],
                 "python": spec.python,
                 "cloudpickle": spec.cloudpickle,
+                "sources": spec.indexes.describe(),
+                "constraints": [mask_credentials(c) for c in spec.constraints],
+                "local": {req: pkg.digest for req, pkg in spec.local},
                 "installer": installer.name,
                 "created": time.time(),
                 "build_seconds": round(time.perf_counter() - started, 3),
@@ -233,6 +240,18 @@ class EnvCache:
             shutil.rmtree(path, ignore_errors=True)
             raise
         progress(f"environment {spec.key} ready in {time.perf_counter() - started:.2f}s")
+
+    @staticmethod
+    def _install(installer: Installer, python: Path, spec: EnvSpec, progress: Progress) -> None:
+        """Install ``spec`` into ``python``'s environment, with its package sources as options and its
+        constraints as a file."""
+        with tempfile.TemporaryDirectory(prefix="fal_magic-build-") as work:
+            options = spec.indexes.installer_args(installer.name)
+            if spec.constraints:
+                constraints = Path(work) / "constraints.txt"
+                constraints.write_text("\n".join(spec.constraints) + "\n")
+                options += ["-c", str(constraints)]
+            installer.install(python, spec.install_list, lambda line: progress(INSTALLER_LINE + line), options)
 
     def _donors(self, path: Path, limit: int = 3) -> list[Path]:
         """Built environments to share bytecode with, most recently used first."""
@@ -263,8 +282,7 @@ class EnvCache:
         lowered = output.lower()
         if "no space left on device" in lowered:
             return f"could not install the requirements: no space left on device ({installer} said):\n{output}"
-        named = [r for r in spec.requirements
-                 if canonicalize_name(Requirement(r).name) in lowered or Requirement(r).name.lower() in lowered]
+        named = [r for r in spec.requirements if any(n in lowered for n in _names(r, dict(spec.local)))]
         culprits = named or list(spec.requirements) or spec.install_list
         return (f"could not install {describe_requirements(repr(c) for c in culprits)} "
                 f"({installer} failed):\n{output}")
@@ -335,6 +353,14 @@ class EnvCache:
                 continue
             removed.append(rec.key)
         return removed
+
+
+def _names(requirement: str, local: dict[str, LocalPackage]) -> tuple[str, ...]:
+    """The names an installer's message may use for ``requirement`` (lowercase)."""
+    if requirement in local:
+        return (local[requirement].path.name.lower(),)
+    name = Requirement(requirement).name
+    return canonicalize_name(name), name.lower()
 
 
 def _tree_size(path: Path) -> int:

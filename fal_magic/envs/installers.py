@@ -31,7 +31,8 @@ class Installer(Protocol):
 
     name: str
 
-    def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None: ...
+    def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
+                options: Sequence[str] = ()) -> None: ...
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -61,7 +62,7 @@ def requirement_args(requirements: Sequence[str]) -> Iterator[list[str]]:
     """The installer arguments that name ``requirements``: the strings themselves, or ``-r FILE``
     for a long list (the file is removed afterwards)."""
     if sum(len(r) + 1 for r in requirements) <= _MAX_ARGS_LENGTH:
-        yield list(requirements)
+        yield [arg for r in requirements for arg in (r.split(" ", 1) if r.startswith("-e ") else [r])]
         return
     fd, path = tempfile.mkstemp(prefix="fal_magic-requirements-", suffix=".txt")
     try:
@@ -102,11 +103,13 @@ class UvInstaller:
     def __init__(self, binary: str) -> None:
         self.binary = binary
 
-    def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None:
+    def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
+                options: Sequence[str] = ()) -> None:
         env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
         env.pop("VIRTUAL_ENV", None)
         with requirement_args(requirements) as args:
-            _run([self.binary, "pip", "install", "--color", "never", "--python", str(python), *args], on_line, env)
+            _run([self.binary, "pip", "install", "--color", "never", "--python", str(python), *options, *args],
+                 on_line, env)
 
 
 class PipInstaller:
@@ -114,10 +117,11 @@ class PipInstaller:
 
     name = "pip"
 
-    def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None]) -> None:
+    def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
+                options: Sequence[str] = ()) -> None:
         with requirement_args(requirements) as args:
             _run([sys.executable, "-m", "pip", "--python", str(python), "install",
-                  "--disable-pip-version-check", "--no-input", "--no-color", *args], on_line)
+                  "--disable-pip-version-check", "--no-input", "--no-color", *options, *args], on_line)
 
 
 def find_uv() -> str | None:

@@ -1,8 +1,10 @@
-"""Requirements -> normalized spec -> key. Pure functions, no I/O.
+"""Requirements -> normalized spec -> key.
 
 The key names one environment: requirement specifiers normalized per PEP 508/503 (order and
 duplicates ignored) plus what the kernel side must share with the host (Python version and the
-exact cloudpickle version, so that pickles match).
+exact cloudpickle version, so that pickles match), and, when there are any, the constraints, the
+package sources (without credentials) and digests of local packages. The only I/O is reading local
+packages for their digests.
 """
 from __future__ import annotations
 
@@ -10,14 +12,17 @@ import hashlib
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import metadata
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ..errors import EnvironmentBuildError
+from .indexes import Indexes
+from .local import LocalPackage, looks_local, resolve
 
 #: What every environment needs so a kernel can run there, besides the user's requirements.
 KERNEL_PACKAGES = ("ipykernel",)
@@ -81,14 +86,30 @@ class EnvSpec:
     requirements: tuple[str, ...]
     python: str
     cloudpickle: str
+    #: Where packages come from (a requirements file's options, then what ``resolved`` adds).
+    indexes: Indexes = field(default_factory=Indexes, repr=False)
+    constraints: tuple[str, ...] = ()
+    #: The local packages among ``requirements``: (requirement, package).
+    local: tuple[tuple[str, LocalPackage], ...] = ()
 
     @property
     def key(self) -> str:
-        blob = json.dumps(
-            {"requirements": self.requirements, "python": self.python, "cloudpickle": self.cloudpickle},
-            sort_keys=True,
-        )
+        parts: dict[str, Any] = {"requirements": self.requirements, "python": self.python,
+                                 "cloudpickle": self.cloudpickle}
+        if not self.indexes.is_default:  # (absent when unset, so keys of plain environments never change)
+            parts["indexes"] = self.indexes.key_part()
+        if self.constraints:
+            parts["constraints"] = self.constraints
+        if self.local:
+            parts["local"] = [[req, pkg.digest] for req, pkg in self.local]
+        blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def resolved(self, site: Indexes) -> EnvSpec:
+        """This spec with the sources set where fal_magic runs (``site``) under its own, and its local
+        packages read again (an edited package makes another key)."""
+        local = tuple((req, resolve(req)[1]) for req, _ in self.local)
+        return replace(self, indexes=self.indexes.over(site), local=local)
 
     @property
     def install_list(self) -> list[str]:
@@ -99,21 +120,35 @@ class EnvSpec:
         return [*self.requirements, *KERNEL_PACKAGES, f"cloudpickle=={self.cloudpickle}"]
 
 
-def make_spec(requirements: Iterable[str] | str = ()) -> EnvSpec:
-    """Normalize ``requirements`` (a list of PEP 508 strings, or one string) into an EnvSpec.
+def make_spec(requirements: Iterable[str] | str = (), *, indexes: Indexes | None = None,
+              constraints: Iterable[str] = (), base: Path | None = None) -> EnvSpec:
+    """Normalize ``requirements`` (a list of PEP 508 strings or local package paths, or one string)
+    into an EnvSpec; relative paths are taken from ``base`` (default: the working directory).
 
-    Raises EnvironmentBuildError for an invalid specifier, or a cloudpickle pin that excludes the
-    host's version (the two sides must unpickle each other's objects).
+    Raises EnvironmentBuildError for an invalid specifier, a missing local package, or a cloudpickle
+    pin that excludes the host's version (the two sides must unpickle each other's objects).
     """
     if isinstance(requirements, str):
         requirements = [requirements]
-    normalized = tuple(sorted({normalize_requirement(r) for r in requirements}))
+    local: dict[str, LocalPackage] = {}
+    named: set[str] = set()
+    for text in requirements:
+        if isinstance(text, str) and looks_local(text):
+            canonical, package = resolve(text, base)
+            local[canonical] = package
+        else:
+            named.add(normalize_requirement(text))
+    normalized = tuple(sorted(named | set(local)))
     cp = host_cloudpickle()
     for text in normalized:
+        if text in local:
+            continue
         req = Requirement(text)
         if canonicalize_name(req.name) == "cloudpickle" and not req.specifier.contains(cp, prereleases=True):
             raise EnvironmentBuildError(
                 f"requirement {text!r} conflicts with the host's cloudpickle=={cp}: the environment needs "
                 "the host's exact cloudpickle version so that functions and results can cross"
             )
-    return EnvSpec(requirements=normalized, python=host_python(), cloudpickle=cp)
+    return EnvSpec(requirements=normalized, python=host_python(), cloudpickle=cp, indexes=indexes or Indexes(),
+                   constraints=tuple(sorted({normalize_requirement(c) for c in constraints})),
+                   local=tuple(sorted(local.items())))

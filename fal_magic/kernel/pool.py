@@ -24,7 +24,8 @@ from pathlib import Path
 from collections.abc import Iterator, Mapping
 
 from ..config import FalMagic, settings
-from ..envs import EnvCache, EnvSpec, make_spec
+from ..envs import EnvCache, EnvSpec, spec_for
+from ..envs.indexes import own_settings, site_settings
 from ..envs.spec import mask_credentials
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
@@ -73,6 +74,18 @@ class KernelInfo:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             return None
+
+
+def _check_remote_spec(spec: EnvSpec, url: str) -> None:
+    """Refuse what a Jupyter Server cannot honour: paths on this machine, and package sources or
+    constraints from a requirements file (the server builds with its own pip and uv configuration)."""
+    if spec.local:
+        raise FalMagicError(f"local packages ({', '.join(req for req, _ in spec.local)}) are on this machine; the "
+                            f"Jupyter Server at {url} cannot install them: publish them to an index it can reach")
+    if not spec.indexes.is_default or spec.constraints:
+        raise FalMagicError(f"the Jupyter Server at {url} builds environments from its own package index settings; "
+                            "index options and constraints (-c) of a requirements file apply to kernels on this "
+                            "machine only")
 
 
 class KernelPool:
@@ -144,6 +157,11 @@ class KernelPool:
                 f"environment variables ({', '.join(sorted(variables))}) cannot be given to a kernel on the "
                 f"Jupyter Server at {url}: its kernels API takes none, and writing them into a kernelspec "
                 "would leave them on the server's disk; set them on the server instead")
+        if url is None:
+            cfg = self.config
+            spec = spec.resolved(site_settings(own_settings(cfg.index_url, cfg.extra_index_urls, cfg.find_links)))
+        else:
+            _check_remote_spec(spec, url)
         tag = _env_tag(variables)
         key = slot_name(spec.key, url, tag)
         with self._cond:
@@ -264,7 +282,7 @@ class KernelPool:
         def handle(frames: Frames, sink: OutputSink) -> tuple[bytes, Frames]:
             try:
                 options, fn, args, kwargs = loads(frames)
-                spec = make_spec(options.get("requirements", ()))
+                spec = spec_for(options.get("requirements", ()), options.get("indexes"), options.get("constraints", ()))
                 name = getattr(fn, "__qualname__", "?")
                 if spec.key in chain:
                     raise FalMagicError(

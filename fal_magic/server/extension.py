@@ -23,9 +23,11 @@ from traitlets import Dict, Float, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..config import FalMagic
-from ..envs import EnvCache, EnvSpec, make_spec
+from ..envs import EnvCache, EnvSpec, Indexes, make_spec
+from ..envs.indexes import site_settings
+from ..envs.local import looks_local
 from ..envs.cache import ensure_private_dir
-from ..envs.spec import host_python
+from ..envs.spec import host_python, mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
 from ..kernel.runtime import REMOTE_ENV
@@ -68,17 +70,19 @@ class FalMagicServer(LoggingConfigurable):
 
         Runs in a worker thread. The environment stays held (its shared lock) while the server runs.
         """
+        spec = spec.resolved(site_settings(Indexes()))  # the server's own pip and uv configuration
         env = self.cache.get(spec, progress)
         name = SPEC_PREFIX + spec.key
+        shown = [mask_credentials(r) for r in spec.requirements]
         spec_dir = ensure_private_dir(ensure_private_dir(self.kernelspecs_dir) / name)
         kernel_json = {
             "argv": kernel_argv(str(env.python)),
-            "display_name": f"fal_magic {', '.join(spec.requirements) or 'no requirements'}",
+            "display_name": f"fal_magic {', '.join(shown) or 'no requirements'}",
             "language": "python",
             "interrupt_mode": "signal",
             "env": {**kernel_env(env.path, "${PATH}"), REMOTE_ENV: "1"},  # ${PATH}: the server's, at start
             "metadata": {**self.kernelspec_metadata,
-                         "fal_magic": {"key": spec.key, "requirements": list(spec.requirements)}},
+                         "fal_magic": {"key": spec.key, "requirements": shown}},
         }
         _write_if_changed(spec_dir / "kernel.json", json.dumps(kernel_json, indent=1))
         return name
@@ -163,6 +167,8 @@ class EnvsHandler(APIHandler):
             raise web.HTTPError(409, f"this server runs {host_python()} and the host {python}: pickled functions "
                                      "cannot cross between Python versions")
         try:
+            if any(looks_local(r) for r in requirements):
+                raise FalMagicError("local package paths cannot be built by a server")
             spec = EnvSpec(requirements=make_spec(requirements).requirements, python=python, cloudpickle=cloudpickle)
         except FalMagicError as exc:
             raise web.HTTPError(400, str(exc)) from None

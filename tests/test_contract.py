@@ -73,6 +73,32 @@ def test_outputs_reach_the_caller_in_order(kind, capsys):
     assert err.strip().endswith("to stderr") and "line" not in err
 
 
+def test_outputs_of_threads_and_subprocesses_are_the_calls_own(kind, capsys):
+    @isolated(keep_alive=30)
+    def helpers(n):
+        import subprocess
+        import sys
+        import threading
+
+        thread = threading.Thread(target=print, args=(f"thread {n}",))
+        thread.start()
+        thread.join()
+        subprocess.run([sys.executable, "-c", f"print('subprocess {n}')"], check=True)
+        return n
+
+    @isolated(keep_alive=30)
+    def quiet(n):  # the same environment: the same kernel, right after the noisy call
+        return n
+
+    for n in range(3):
+        assert helpers(n) == n
+        out = capsys.readouterr().out
+        assert f"thread {n}\n" in out and f"subprocess {n}\n" in out
+        assert quiet(n) == n
+        assert capsys.readouterr().out == ""
+    assert len(fal_magic.kernels()) == 1
+
+
 def test_exception_keeps_its_type_message_chain_and_traceback(kind):
     @isolated(keep_alive=30)
     def fails(x):

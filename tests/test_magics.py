@@ -40,6 +40,14 @@ def test_cell_runs_with_requirements_and_prints_here(ip):
     assert "humanize" not in ip.user_ns  # the import happened in the isolated kernel
 
 
+def test_a_subprocess_prints_into_the_cell(ip):
+    for n in range(3):  # each time, the last line is part of its own cell
+        result, out = run(ip, "%%isolated --keep-alive 30\nimport subprocess, sys\n"
+                              f"subprocess.run([sys.executable, '-c', 'print({n})'], check=True)\nNone")
+        assert result.success, result.error_in_exec
+        assert out.stdout == f"{n}\n"
+
+
 def test_namespace_persists_between_cells_of_one_key(ip):
     assert run(ip, "%%isolated --keep-alive 30\ncounter = 1")[0].success
     result, out = run(ip, "%%isolated --keep-alive 30\ncounter += 1\nprint(counter)")

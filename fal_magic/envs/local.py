@@ -35,10 +35,15 @@ class LocalPackage:
 
 
 def looks_local(text: str) -> bool:
-    """Whether a requirement string names a path rather than a package on an index."""
+    """Whether a requirement string names a path rather than a package on an index (or at a URL)."""
     text = text.strip()
-    return (text.startswith(("-e ", "--editable ", "--editable=", ".", "/", "~", "file:"))
-            or text.endswith((".whl", ".tar.gz", ".zip")) or " @ file:" in text)
+    if text.startswith(("-e ", "--editable ", "--editable=")):
+        return True
+    if " @ " in text:
+        return text.split(" @ ", 1)[1].strip().startswith("file:")
+    if "://" in text:
+        return text.startswith("file:")
+    return text.startswith((".", "/", "~")) or text.endswith((".whl", ".tar.gz", ".zip"))
 
 
 def _ignored(name: str, top: bool = False) -> bool:

@@ -90,4 +90,5 @@ def kernel_env(env_path: Path, path: str) -> dict[str, str]:
 def kernel_argv(python: str) -> list[str]:
     """The command that starts an ipykernel on ``python`` (an env's interpreter, by absolute path)."""
     return [python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-            "--HistoryManager.enabled=False", "--Application.log_level=WARN"]
+            "--HistoryManager.enabled=False", "--Application.log_level=WARN",
+            "--IPKernelApp.capture_fd_output=False"]  # the runtime captures descriptors 1 and 2 itself

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Sequence
@@ -122,6 +123,30 @@ def envs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_command(args: argparse.Namespace) -> int:
+    """``envs build``: build an environment here for a server that starts kernels on this host; JSON
+    lines of progress, then where its Python and kernel launcher are (or the error)."""
+    from .envs.spec import EnvSpec, host_python, make_spec
+    from .server.launcher import assemble_launcher
+
+    def say(event: dict) -> None:
+        print(json.dumps(event), flush=True)
+
+    try:
+        if args.python != host_python():
+            raise FalMagicError(f"this host runs {host_python()}, the server {args.python}")
+        spec = EnvSpec(requirements=make_spec(args.requirements).requirements, python=args.python,
+                       cloudpickle=args.cloudpickle)
+        cache = EnvCache(settings().home_path())
+        env = cache.get(spec, lambda line: say({"progress": line}))
+        launcher = assemble_launcher(env.path)
+    except FalMagicError as exc:
+        say({"error": str(exc), "type": type(exc).__name__})
+        return 1
+    say({"python": str(env.python), "launcher": str(launcher)})
+    return 0
+
+
 DESCRIPTION = """\
 fal_magic runs Python functions and notebook cells in isolated, warm Jupyter kernels.
 
@@ -149,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_prune = envs_sub.add_parser("prune", help="remove unfinished builds and unused environments")
     p_prune.add_argument("--older-than", type=float, default=30.0, metavar="DAYS",
                          help="remove environments unused for this many days (default 30)")
+    p_build = envs_sub.add_parser("build", help="build an environment for kernels a server starts on this host "
+                                                "(JSON lines; used by the server over SSH)")
+    p_build.add_argument("--python", required=True, help="the server's Python, e.g. cpython-3.11")
+    p_build.add_argument("--cloudpickle", required=True, help="the exact cloudpickle version")
+    p_build.add_argument("requirements", nargs="*", metavar="REQUIREMENT")
     args = parser.parse_args(argv)
     if args.command == "demo":
         try:
@@ -156,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FalMagicError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    if args.action == "build":
+        return build_command(args)
     return envs_command(args)
 
 

@@ -107,7 +107,7 @@ def _check_options(kind: str, keep_alive: float | None, max_kernels: int, host: 
 
 
 def _warn_machine_type(machine_type: str) -> None:
-    """Say once per process that a local host records machine_type but cannot enforce it."""
+    """Say once per process that kernels on this machine record machine_type but cannot enforce it."""
     global _machine_type_warned
     if not _machine_type_warned:
         _machine_type_warned = True
@@ -125,8 +125,8 @@ class IsolatedFunction:
         if not callable(func):
             raise FalMagicError(f"@isolated decorates a function, not {type(func).__name__}")
         _check_options(kind, keep_alive, max_kernels, host)
-        if machine_type is not None:
-            _warn_machine_type(machine_type)
+        if machine_type is not None and not (settings().host if host is None else host):
+            _warn_machine_type(machine_type)  # (a server with host groups enforces it)
         self.func = func
         self.spec: EnvSpec = spec_for(requirements, indexes, constraints)
         self._options: Options = {"kind": kind, "requirements": self.spec.requirements,

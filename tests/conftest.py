@@ -48,7 +48,8 @@ def kernel_pids() -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and any(b"ipykernel_launcher" in part or part == b"ipykernel" for part in cmd[:4]):
+        if state != "Z" and any(b"ipykernel_launcher" in part or part == b"ipykernel"
+                                or part.endswith(b"launch_ipykernel.py") for part in cmd[:4]):
             pids.append(int(entry.name))
     return pids
 
@@ -136,19 +137,16 @@ def _fresh_pool():
         f"this test left kernels running: {describe_pids(leaked_kernels())}")
 
 
-@pytest.fixture(scope="session")
-def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A jupyter_server with the extension on 127.0.0.1 (its own cache and token); its kernels are
-    its children. Started once for the run, by the first test that needs it."""
+def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None = None):
+    """Start a jupyter_server with the extension on 127.0.0.1 (its own cache and token); yield its URL
+    and process, and stop it after."""
     port = free_port()
-    root = tmp_path_factory.mktemp("server_root")
-    env = {**os.environ, "FAL_MAGIC_HOME": str(fal_home / "server")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
          f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
-         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}",
-         f"--FalMagicServer.kernelspec_metadata={KERNELSPEC_METADATA!r}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}", *args],
+        env={**os.environ, "FAL_MAGIC_HOME": str(home), **(env or {})},
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -162,12 +160,61 @@ def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
         assert wait_until(up, timeout=60, interval=0.2), (root / "server.log").read_text()[-3000:]
         yield url, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The test Jupyter Server; its kernels are its children. Started once for the run, by the first
+    test that needs it."""
+    yield from start_server(fal_home / "server", tmp_path_factory.mktemp("server_root"),
+                            f"--FalMagicServer.kernelspec_metadata={KERNELSPEC_METADATA!r}")
+
+
+#: The test cluster's groups: both hosts, and one host with a variable of its own.
+MACHINE_TYPES = {"S": {"hosts": ["127.0.0.2", "127.0.0.3"]}, "ONE": {"hosts": ["127.0.0.3"], "env": {"GROUP": "one"}}}
+
+
+@pytest.fixture(scope="session")
+def hosts(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two sshd hosts (see hosts.py); skipped where they cannot run, except on CI."""
+    from . import hosts as hosts_module
+
+    why = hosts_module.available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"the cluster tests must run on CI: {why}")
+        pytest.skip(why)
+    started = hosts_module.Hosts(tmp_path_factory.mktemp("hosts"), fal_home / "cluster", fal_home / "host-marker")
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_server(hosts, tmp_path_factory: pytest.TempPathFactory):
+    """A Jupyter Server whose machine types are groups of the two hosts."""
+    yield from start_server(hosts.cache, tmp_path_factory.mktemp("cluster_root"),
+                            f"--FalMagicServer.machine_types={MACHINE_TYPES!r}",
+                            "--FalMagicServer.default_machine_type=S", env=hosts.server_env())
+
+
+@pytest.fixture
+def cluster(hosts, cluster_server):
+    """fal_magic configured for the cluster server; after the test no kernel is left there or on a host."""
+    import fal_magic
+    from fal_magic.kernel import get_pool
+
+    url, _ = cluster_server
+    fal_magic.configure(host=url, token=TOKEN)
+    yield hosts
+    get_pool().shutdown()
+    assert wait_until(lambda: not server_api(url, "/api/kernels"), timeout=20), "kernels left on the server"
 
 
 @pytest.fixture
@@ -183,9 +230,10 @@ def remote(server):
     assert wait_until(lambda: not server_api(url, "/api/kernels"), timeout=20), "kernels left on the server"
 
 
-@pytest.fixture(params=["local", "remote"])
+@pytest.fixture(params=["local", "remote", "cluster"])
 def kind(request: pytest.FixtureRequest) -> str:
-    """Each kind of kernel in turn: this machine, then the test Jupyter Server (one contract)."""
-    if request.param == "remote":
-        request.getfixturevalue("remote")
+    """Each kind of kernel in turn: this machine, the test Jupyter Server, and a host of the test
+    cluster behind another server (one contract)."""
+    if request.param in ("remote", "cluster"):
+        request.getfixturevalue(request.param)
     return request.param

@@ -93,10 +93,12 @@ class Reply:
     buffers: list[Any] = field(default_factory=list)
 
 
-def slot_name(key: str, host: str | None, env_tag: str = "") -> str:
-    """The pool's name for a group of kernels: the key, the host for remote ones, and a tag of the
-    kernel's environment variables (kernels with other values are other kernels)."""
-    return key + ("" if host is None else f"@{host}") + (f"+env-{env_tag}" if env_tag else "")
+def slot_name(key: str, host: str | None, env_tag: str = "", machine_type: str | None = None) -> str:
+    """The pool's name for a group of kernels: the key, the host and machine type for remote ones
+    (a server may run each machine type on other hosts), and a tag of the kernel's environment
+    variables (kernels with other values are other kernels)."""
+    where = "" if host is None else f"@{host}" + (f"/{machine_type}" if machine_type is not None else "")
+    return key + where + (f"+env-{env_tag}" if env_tag else "")
 
 
 class Kernel(abc.ABC):
@@ -118,13 +120,15 @@ class Kernel(abc.ABC):
         self.deadline = 0.0  # only idle kernels are culled; the pool's release() sets the real deadline
         self.pid: int | None = None
         self.machine_type: str | None = None
+        #: The cluster host a server started the kernel on (None: the server's own machine, or local).
+        self.node: str | None = None
         self.kill_reason: str | None = None
         self.comm_id = uuid.uuid4().hex
         self.env_tag = ""  # a keyed digest of its environment variables (set by the pool; never the values)
 
     @property
     def slot(self) -> str:
-        return slot_name(self.key, self.host, self.env_tag)
+        return slot_name(self.key, self.host, self.env_tag, self.machine_type)
 
     # -- life cycle ----------------------------------------------------------------------
 

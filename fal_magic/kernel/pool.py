@@ -163,7 +163,7 @@ class KernelPool:
         else:
             _check_remote_spec(spec, url)
         tag = _env_tag(variables)
-        key = slot_name(spec.key, url, tag)
+        key = slot_name(spec.key, url, tag, machine_type)
         with self._cond:
             if self._closed:
                 raise FalMagicError("fal_magic is shutting down")
@@ -376,7 +376,8 @@ class KernelPool:
                 KernelInfo(key=k.key, kernel_id=k.id, requirements=tuple(mask_credentials(r) for r in k.requirements),
                            pid=k.pid, state=k.state,
                            calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline,
-                           machine_type=k.machine_type, host=k.host)
+                           machine_type=k.machine_type,
+                           host=f"{k.node} via {k.host}" if k.node else k.host)
                 for ks in self._kernels.values() for k in ks
             ]
 

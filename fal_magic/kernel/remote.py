@@ -154,9 +154,13 @@ class ServerClient:
             reason = getattr(exc, "reason", exc)
             raise KernelStartError(f"cannot reach the Jupyter Server at {self.url}: {reason}") from None
 
-    def build_env(self, spec: EnvSpec, progress: Callable[[str], None]) -> str:
-        """Have the server build (or find) ``spec``'s environment; return the kernelspec name for it."""
-        body = {"requirements": list(spec.requirements), "python": spec.python, "cloudpickle": spec.cloudpickle}
+    def build_env(self, spec: EnvSpec, progress: Callable[[str], None],
+                  machine_type: str | None = None) -> tuple[str, str | None]:
+        """Have the server build (or find) ``spec``'s environment (on a host of ``machine_type``'s group,
+        when the server has groups); return the kernelspec name for it, and that host (None: the
+        server's own machine)."""
+        body = {"requirements": list(spec.requirements), "python": spec.python, "cloudpickle": spec.cloudpickle,
+                "machine_type": machine_type}
         with self.request("POST", "/fal_magic/api/envs", body) as resp:
             for line in resp:
                 if not line.strip():
@@ -168,7 +172,7 @@ class ServerClient:
                     kind = EnvironmentBuildError if event.get("type") == "EnvironmentBuildError" else FalMagicError
                     raise kind(f"on {self.url}: {event['error']}")
                 elif "kernel_name" in event:
-                    return event["kernel_name"]
+                    return event["kernel_name"], event.get("host")
         raise FalMagicError(f"the Jupyter Server at {self.url} ended the environment build without an answer")
 
     def start_kernel(self, kernel_name: str) -> str:
@@ -240,7 +244,7 @@ class RemoteKernel(Kernel):
 
     def start(self, spec: EnvSpec, progress: Progress, timeout: float) -> None:
         """Build the env on the server, start a kernel there, connect, and load the runtime."""
-        kernel_name = self.server.build_env(spec, progress)
+        kernel_name, self.node = self.server.build_env(spec, progress, self.machine_type)
         started = time.perf_counter()
         self.remote_id = self.server.start_kernel(kernel_name)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ from ..envs.cache import ensure_private_dir
 from ..envs.spec import host_python, mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
-from ..kernel.runtime import REMOTE_ENV
+from ..kernel.runtime import HEAD_ENV, ORPHAN_ENV, REMOTE_ENV
+from .cluster import HostGroups, cluster_spec, slug
 
 #: Kernelspecs made here are named ``fal_magic-<key>``; the culler looks after kernels of those only.
 SPEC_PREFIX = "fal_magic-"
@@ -57,6 +59,25 @@ class FalMagicServer(LoggingConfigurable):
         help="Merged into the metadata of every kernelspec written here, e.g. a kernel_provisioner "
              "(gateway_provisioners) that starts the kernels in containers.",
     )
+    machine_types = Dict(
+        config=True,
+        help="Groups of hosts that kernels of a machine_type run on, over SSH (gateway_provisioners' "
+             "DistributedProvisioner): {'S': {'hosts': ['node1', 'node2'], 'env': {...}}}. Empty: every "
+             "kernel runs here.",
+    )
+    default_machine_type = Unicode(
+        "", config=True,
+        help="The machine type of kernels asked for without one (empty: they run on this server's machine).",
+    )
+    host_python = Unicode(
+        sys.executable, config=True,
+        help="The Python with fal_magic[cluster] on every host (the same path as here by default).",
+    )
+    head_address = Unicode(
+        "", config=True,
+        help="host:port at which hosts reach this server; a host's kernel exits when it cannot for "
+             "orphan_timeout seconds. Empty: this server's own ip and port.",
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -64,28 +85,59 @@ class FalMagicServer(LoggingConfigurable):
         self.cache = EnvCache(home)
         self.kernelspecs_dir = home / "kernelspecs"
         self._unheld_since: dict[str, float] = {}
+        self.groups = HostGroups(self.machine_types, self.host_python, home)
 
-    def prepare(self, spec: EnvSpec, progress: Callable[[str], None]) -> str:
-        """Build (or find) ``spec``'s environment and write its kernelspec; return the kernelspec name.
+    def prepare(self, spec: EnvSpec, progress: Callable[[str], None],
+                machine_type: str | None = None) -> tuple[str, str | None]:
+        """Build (or find) ``spec``'s environment and write its kernelspec; return the kernelspec name
+        and the host its kernels run on (None: this one). With a ``machine_type``, on the group's next
+        host (see cluster.py).
 
         Runs in a worker thread. The environment stays held (its shared lock) while the server runs.
         """
+        if machine_type is not None:
+            return self._prepare_on_host(spec, progress, machine_type)
         spec = spec.resolved(site_settings(Indexes()))  # the server's own pip and uv configuration
         env = self.cache.get(spec, progress)
         name = SPEC_PREFIX + spec.key
-        shown = [mask_credentials(r) for r in spec.requirements]
-        spec_dir = ensure_private_dir(ensure_private_dir(self.kernelspecs_dir) / name)
-        kernel_json = {
+        self._write_kernelspec(name, spec, {
             "argv": kernel_argv(str(env.python)),
+            "env": {**kernel_env(env.path, "${PATH}"), REMOTE_ENV: "1"},  # ${PATH}: the server's, at start
+            "metadata": self.kernelspec_metadata,
+        })
+        return name, None
+
+    def _prepare_on_host(self, spec: EnvSpec, progress: Callable[[str], None],
+                         machine_type: str) -> tuple[str, str | None]:
+        group = self.groups.group(machine_type)
+        host = self.groups.next_host(machine_type)
+        spec = cluster_spec(spec)
+        python, launcher = self.groups.build_on(host, spec, progress)
+        name = f"{SPEC_PREFIX}{spec.key}-{slug(machine_type)}-{slug(host)}"
+        env_path = Path(python).parent.parent
+        self._write_kernelspec(name, spec, {
+            "argv": [python, launcher, "--kernel-id", "{kernel_id}", "--port-range", "{port_range}",
+                     "--response-address", "{response_address}", "--public-key", "{public_key}",
+                     "--kernel-class-name", "ipykernel.ipkernel.IPythonKernel"],
+            "env": {**kernel_env(env_path, "${PATH}"), **group["env"], REMOTE_ENV: "1",
+                    HEAD_ENV: self.head_address, ORPHAN_ENV: str(self.orphan_timeout)},
+            "metadata": {"kernel_provisioner": {"provisioner_name": "fal-magic-host-provisioner", "config": {
+                "remote_hosts": [host], "load_balancing_algorithm": "round-robin"}}},
+        }, host=host, machine_type=machine_type)
+        return name, host
+
+    def _write_kernelspec(self, name: str, spec: EnvSpec, parts: dict[str, Any], **about: str) -> None:
+        spec_dir = ensure_private_dir(ensure_private_dir(self.kernelspecs_dir) / name)
+        shown = [mask_credentials(r) for r in spec.requirements]
+        kernel_json = {
+            "argv": parts["argv"],
             "display_name": f"fal_magic {', '.join(shown) or 'no requirements'}",
             "language": "python",
             "interrupt_mode": "signal",
-            "env": {**kernel_env(env.path, "${PATH}"), REMOTE_ENV: "1"},  # ${PATH}: the server's, at start
-            "metadata": {**self.kernelspec_metadata,
-                         "fal_magic": {"key": spec.key, "requirements": shown}},
+            "env": parts["env"],
+            "metadata": {**parts["metadata"], "fal_magic": {"key": spec.key, "requirements": shown, **about}},
         }
         _write_if_changed(spec_dir / "kernel.json", json.dumps(kernel_json, indent=1))
-        return name
 
     async def cull_orphans(self, kernel_manager: Any) -> None:
         """Shut down fal_magic kernels that have had no websocket connection for ``orphan_timeout``."""
@@ -172,6 +224,14 @@ class EnvsHandler(APIHandler):
             spec = EnvSpec(requirements=make_spec(requirements).requirements, python=python, cloudpickle=cloudpickle)
         except FalMagicError as exc:
             raise web.HTTPError(400, str(exc)) from None
+        machine_type = None
+        if self.ext.groups.groups:  # (no groups: as before, machine_type is only recorded)
+            machine_type = body.get("machine_type") or self.ext.default_machine_type or None
+        if machine_type is not None:
+            try:
+                self.ext.groups.group(machine_type if isinstance(machine_type, str) else repr(machine_type))
+            except FalMagicError as exc:
+                raise web.HTTPError(400, str(exc)) from None
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-cache")
         loop = asyncio.get_running_loop()
@@ -180,7 +240,7 @@ class EnvsHandler(APIHandler):
         def progress(text: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, {"progress": text})
 
-        build = loop.run_in_executor(None, self.ext.prepare, spec, progress)
+        build = loop.run_in_executor(None, self.ext.prepare, spec, progress, machine_type)
         getter: asyncio.Future | None = None
         while not build.done():
             getter = getter or asyncio.ensure_future(events.get())
@@ -196,11 +256,11 @@ class EnvsHandler(APIHandler):
         while not events.empty():
             self.write(json.dumps(events.get_nowait()) + "\n")
         try:
-            name = build.result()
+            name, host = build.result()
         except FalMagicError as exc:
             self.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
         else:
-            self.write(json.dumps({"kernel_name": name, "key": spec.key}) + "\n")
+            self.write(json.dumps({"kernel_name": name, "key": spec.key, "host": host}) + "\n")
         await self.finish()
 
 
@@ -225,6 +285,7 @@ def _without_nagle(base: type) -> type:
 def load(serverapp: Any) -> None:
     """Register the endpoint, make the server find our kernelspecs, and start the orphan culler."""
     ext = FalMagicServer(parent=serverapp, log=serverapp.log)
+    ext.head_address = ext.head_address or f"{serverapp.ip or '127.0.0.1'}:{serverapp.port}"
     ensure_private_dir(ext.cache.home)
     ensure_private_dir(ext.kernelspecs_dir)
     specs = serverapp.kernel_spec_manager

@@ -1,0 +1,92 @@
+"""Kernels on a cluster of two sshd hosts behind one Jupyter Server (gateway_provisioners' DistributedProvisioner)."""
+from __future__ import annotations
+
+import pytest
+
+import fal_magic
+from fal_magic import isolated
+from fal_magic.errors import EnvironmentBuildError, FalMagicError
+
+from .conftest import TOKEN
+
+
+def test_map_spreads_over_both_hosts_and_keeps_the_order(cluster):
+    marker = str(cluster.marker_dir / "host")  # each host has its own file at this path
+
+    @isolated(machine_type="S", max_kernels=4, keep_alive=60)
+    def square_where(n):
+        with open(marker) as f:
+            return n * n, f.read().strip()
+
+    results = list(square_where.map(range(8)))
+    assert [r[0] for r in results] == [n * n for n in range(8)]
+    assert {r[1] for r in results} == {"127.0.0.2", "127.0.0.3"}
+    hosts = sorted(k.host.split(" ")[0] for k in fal_magic.kernels())  # "127.0.0.2 via http://..."
+    assert hosts == ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
+
+
+def test_machine_type_pins_a_group_and_an_unknown_one_is_refused(cluster):
+    marker = str(cluster.marker_dir / "host")
+
+    @isolated(machine_type="ONE", keep_alive=30)
+    def where():
+        import os
+
+        with open(marker) as f:
+            return f.read().strip(), os.environ.get("GROUP")
+
+    assert where() == ("127.0.0.3", "one")
+    with pytest.raises(FalMagicError, match="unknown machine_type 'XL'; this server has: ONE, S"):
+        isolated(machine_type="XL")(lambda: 1)()
+
+
+def test_an_environment_is_built_on_a_host_only_when_a_kernel_needs_it_there(cluster, caplog):
+    import logging
+
+    @isolated(machine_type="ONE", requirements=["text-unidecode==1.3"], keep_alive=30)
+    def plain(text):
+        import text_unidecode
+
+        return text_unidecode.unidecode(text)
+
+    def built(ip):
+        return {line for line in cluster.run(ip, f"ls {cluster.cache}/envs").split() if len(line) == 16}
+
+    before = {ip: built(ip) for ip in ("127.0.0.2", "127.0.0.3")}
+    with caplog.at_level(logging.INFO, logger="fal_magic"):
+        assert plain("Ærø") == "AEro"
+    assert built("127.0.0.2") == before["127.0.0.2"]  # the other host of the cluster never needed it
+    assert len(built("127.0.0.3") - before["127.0.0.3"]) == 1
+    assert "127.0.0.3: building environment" in caplog.text  # the host's progress, in the caller
+
+
+def test_a_build_that_fails_on_a_host_names_the_host_and_the_requirement(cluster):
+    broken = isolated(machine_type="ONE", requirements=["fal-magic-no-such-package==0.0.1"])(lambda: 1)
+    with pytest.raises(EnvironmentBuildError, match=r"(?s)on host 127\.0\.0\.3: .*fal-magic-no-such-package"):
+        broken()
+
+
+def test_kernels_on_hosts_end_when_their_server_is_killed(hosts, tmp_path):
+    from .conftest import MACHINE_TYPES, kernel_pids, server_api, start_server, wait_until, ORPHAN_TIMEOUT
+
+    servers = start_server(hosts.cache, tmp_path, f"--FalMagicServer.machine_types={MACHINE_TYPES!r}",
+                           env=hosts.server_env())
+    url, proc = next(servers)
+    try:
+        before = set(kernel_pids())
+        fal_magic.configure(host=url, token=TOKEN)
+        spread = isolated(machine_type="S", max_kernels=2, keep_alive=60)(lambda n: n)
+        assert list(spread.map(range(4))) == [0, 1, 2, 3]
+        ids = [k["id"] for k in server_api(url, "/api/kernels")]
+        started = set(kernel_pids()) - before
+        assert len(ids) == 2 and len(started) >= 2
+        proc.kill()  # SIGKILL: the server can clean up nothing
+        proc.wait()
+        assert wait_until(lambda: not started & set(kernel_pids()), timeout=ORPHAN_TIMEOUT + 15)
+        for ip in ("127.0.0.2", "127.0.0.3"):  # nor are their connection files and logs left behind
+            assert not any(kid in hosts.run(ip, "ls /tmp") for kid in ids)
+    finally:
+        from fal_magic.kernel import get_pool
+
+        get_pool().shutdown()
+        next(servers, None)

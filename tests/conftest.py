@@ -177,8 +177,10 @@ def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
                             f"--FalMagicServer.kernelspec_metadata={KERNELSPEC_METADATA!r}")
 
 
-#: The test cluster's groups: both hosts, and one host with a variable of its own.
-MACHINE_TYPES = {"S": {"hosts": ["127.0.0.2", "127.0.0.3"]}, "ONE": {"hosts": ["127.0.0.3"], "env": {"GROUP": "one"}}}
+#: The test cluster's groups: both hosts, one host with a variable of its own, and one whose first
+#: host is down.
+MACHINE_TYPES = {"S": {"hosts": ["127.0.0.2", "127.0.0.3"]}, "ONE": {"hosts": ["127.0.0.3"], "env": {"GROUP": "one"}},
+                 "FLAKY": {"hosts": ["127.0.0.9", "127.0.0.3"]}}  # nothing listens on 127.0.0.9
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_machine_type_pins_a_group_and_an_unknown_one_is_refused(cluster):
             return f.read().strip(), os.environ.get("GROUP")
 
     assert where() == ("127.0.0.3", "one")
-    with pytest.raises(FalMagicError, match="unknown machine_type 'XL'; this server has: ONE, S"):
+    with pytest.raises(FalMagicError, match="unknown machine_type 'XL'; this server has: FLAKY, ONE, S"):
         isolated(machine_type="XL")(lambda: 1)()
 
 
@@ -85,6 +85,54 @@ def test_kernels_on_hosts_end_when_their_server_is_killed(hosts, tmp_path):
         assert wait_until(lambda: not started & set(kernel_pids()), timeout=ORPHAN_TIMEOUT + 15)
         for ip in ("127.0.0.2", "127.0.0.3"):  # nor are their connection files and logs left behind
             assert not any(kid in hosts.run(ip, "ls /tmp") for kid in ids)
+    finally:
+        from fal_magic.kernel import get_pool
+
+        get_pool().shutdown()
+        next(servers, None)
+
+
+def test_a_host_that_cannot_be_reached_is_passed_over(cluster, caplog):
+    import logging
+
+    marker = str(cluster.marker_dir / "host")
+
+    @isolated(machine_type="FLAKY", keep_alive=30)
+    def where():
+        with open(marker) as f:
+            return f.read().strip()
+
+    with caplog.at_level(logging.INFO, logger="fal_magic"):
+        assert where() == "127.0.0.3"
+    assert "cannot reach host 127.0.0.9 over SSH" in caplog.text
+
+
+def test_a_shared_cache_is_built_once_by_the_server_for_every_host(hosts, fal_home, tmp_path, caplog):
+    import logging
+
+    from fal_magic.server.cluster import cluster_spec
+
+    from .conftest import MACHINE_TYPES, start_server
+
+    shared = fal_home / "shared-cluster"  # not under the hosts' private mounts: every host sees it
+    servers = start_server(shared, tmp_path, f"--FalMagicServer.machine_types={MACHINE_TYPES!r}",
+                           "--FalMagicServer.shared_cache=True", env=hosts.server_env())
+    url, _ = next(servers)
+    marker = str(hosts.marker_dir / "host")
+    try:
+        fal_magic.configure(host=url, token=TOKEN)
+
+        @isolated(machine_type="S", max_kernels=2, keep_alive=30, requirements=["text-unidecode==1.3"])
+        def where(n):
+            with open(marker) as f:
+                return f.read().strip()
+
+        with caplog.at_level(logging.INFO, logger="fal_magic"):
+            assert set(where.map(range(4))) == {"127.0.0.2", "127.0.0.3"}
+        assert caplog.text.count("building environment") == 1  # by the server, for both hosts
+        assert "127.0.0.2: building" not in caplog.text and "127.0.0.3: building" not in caplog.text
+        key = cluster_spec(where.spec).key
+        assert key not in hosts.run("127.0.0.2", f"ls {hosts.cache}/envs")  # not in that host's own cache
     finally:
         from fal_magic.kernel import get_pool
 

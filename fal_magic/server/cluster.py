@@ -28,6 +28,10 @@ from ..errors import EnvironmentBuildError, FalMagicError
 LAUNCHER_PACKAGES = ("pycryptodomex",)
 
 
+class HostUnreachable(EnvironmentBuildError):
+    """No SSH connection to a host could be made (it is down, or refuses the key)."""
+
+
 def check_groups(groups: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``machine_types`` as ``{name: {"hosts": [...], "env": {...}}}``; FalMagicError for anything else."""
     checked = {}
@@ -119,7 +123,7 @@ def ssh_client(host: str) -> Any:
                        username=os.environ.get("GP_REMOTE_USER") or getpass.getuser(), timeout=30)
     except Exception as exc:
         client.close()
-        raise EnvironmentBuildError(f"cannot reach host {host} over SSH: {type(exc).__name__}: {exc}") from None
+        raise HostUnreachable(f"cannot reach host {host} over SSH: {type(exc).__name__}: {exc}") from None
     return client
 
 

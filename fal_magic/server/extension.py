@@ -20,7 +20,7 @@ from jupyter_server.utils import url_path_join
 from packaging.version import InvalidVersion, Version
 from tornado import web
 from tornado.ioloop import PeriodicCallback
-from traitlets import Dict, Float, Unicode
+from traitlets import Bool, Dict, Float, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..config import FalMagic
@@ -32,7 +32,8 @@ from ..envs.spec import host_python, mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
 from ..kernel.runtime import HEAD_ENV, ORPHAN_ENV, REMOTE_ENV
-from .cluster import HostGroups, cluster_spec, slug
+from .cluster import HostGroups, HostUnreachable, cluster_spec, slug, ssh_client
+from .launcher import assemble_launcher
 
 #: Kernelspecs made here are named ``fal_magic-<key>``; the culler looks after kernels of those only.
 SPEC_PREFIX = "fal_magic-"
@@ -68,6 +69,11 @@ class FalMagicServer(LoggingConfigurable):
     default_machine_type = Unicode(
         "", config=True,
         help="The machine type of kernels asked for without one (empty: they run on this server's machine).",
+    )
+    shared_cache = Bool(
+        False, config=True,
+        help="The environment cache is on a filesystem every host mounts at the same path: environments "
+             "are built once, here, instead of on each host.",
     )
     host_python = Unicode(
         sys.executable, config=True,
@@ -110,9 +116,25 @@ class FalMagicServer(LoggingConfigurable):
     def _prepare_on_host(self, spec: EnvSpec, progress: Callable[[str], None],
                          machine_type: str) -> tuple[str, str | None]:
         group = self.groups.group(machine_type)
-        host = self.groups.next_host(machine_type)
         spec = cluster_spec(spec)
-        python, launcher = self.groups.build_on(host, spec, progress)
+        if self.shared_cache:  # one build, here, under the cache's own lock: every host sees it
+            env = self.cache.get(spec, progress)
+            python, launcher = str(env.python), str(assemble_launcher(env.path))
+        unreachable = []
+        for _ in group["hosts"]:  # a host that cannot be reached is passed over, once per request
+            host = self.groups.next_host(machine_type)
+            try:
+                if self.shared_cache:
+                    ssh_client(host).close()
+                else:
+                    python, launcher = self.groups.build_on(host, spec, progress)
+                break
+            except HostUnreachable as exc:
+                progress(f"{exc}; trying the next host of {machine_type}")
+                unreachable.append(host)
+        else:
+            raise HostUnreachable(f"no host of machine type {machine_type} can be reached "
+                                  f"({', '.join(unreachable)})")
         name = f"{SPEC_PREFIX}{spec.key}-{slug(machine_type)}-{slug(host)}"
         env_path = Path(python).parent.parent
         self._write_kernelspec(name, spec, {

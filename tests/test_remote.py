@@ -233,7 +233,7 @@ def test_eight_hosts_asking_for_one_environment_at_once_all_get_it(remote):
 
     spec = make_spec([])
     with ThreadPoolExecutor(8) as pool:
-        names = list(pool.map(lambda _: ServerClient(remote, TOKEN).build_env(spec, lambda line: None), range(8)))
+        names = list(pool.map(lambda _: ServerClient(remote, TOKEN).build_env(spec, lambda line: None)[0], range(8)))
     assert names == [f"fal_magic-{spec.key}"] * 8
 
 

@@ -13,6 +13,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
@@ -92,7 +93,7 @@ class EnvSpec:
     #: The local packages among ``requirements``: (requirement, package).
     local: tuple[tuple[str, LocalPackage], ...] = ()
 
-    @property
+    @cached_property  # (computed once per spec: the pool asks on every call)
     def key(self) -> str:
         parts: dict[str, Any] = {"requirements": self.requirements, "python": self.python,
                                  "cloudpickle": self.cloudpickle}

@@ -39,6 +39,12 @@ class FalMagic(Configurable):
     installer = Enum(
         ["auto", "uv", "pip"], "auto", config=True, help="Package installer: uv, pip, or auto (uv if present)."
     )
+    prefer_cached = Bool(
+        True, config=True,
+        help="Resolve new environments from uv's cache first, without asking the package index (much "
+             "faster); ask the index only when the cache cannot satisfy them. An unpinned requirement then "
+             "gets the newest version already cached: set False (or pin) to always ask the index.",
+    )
     culler_interval = Float(
         0.25, min=0.01, config=True, help="Longest pause, in seconds, between two checks of the idle culler."
     )

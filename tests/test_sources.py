@@ -222,3 +222,17 @@ def test_bad_local_packages_and_remote_hosts_get_clear_errors(tmp_path, remote):
     far = isolated(requirements=[str(root)], host=remote)(mylib_value)
     with pytest.raises(FalMagicError, match="cannot install them"):
         far()
+
+
+def test_a_new_environment_is_resolved_from_uv_s_cache_without_asking_the_index(private_index, no_sources):
+    fal_magic.configure(extra_index_urls=[private_index.url])
+    assert isolated(requirements=[PACKAGE], keep_alive=0)(probe_version)() == "2.0"  # in uv's cache now
+    asked = len(private_index.served)
+    # a marker that always holds makes another environment of the same package
+    cached = isolated(requirements=[f'{PACKAGE} ; python_version >= "3.1"'], keep_alive=0)(probe_version)
+    assert cached() == "2.0"
+    assert len(private_index.served) == asked  # resolved from uv's cache alone
+    fal_magic.configure(prefer_cached=False)
+    asking = isolated(requirements=[f'{PACKAGE} ; python_version >= "3.2"'], keep_alive=0)(probe_version)
+    assert asking() == "2.0"
+    assert len(private_index.served) > asked

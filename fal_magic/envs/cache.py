@@ -115,9 +115,10 @@ class _KeyLock:
 class EnvCache:
     """Finds or builds the environment for a spec; lists and removes cached environments."""
 
-    def __init__(self, home: Path, installer: str = "auto") -> None:
+    def __init__(self, home: Path, installer: str = "auto", prefer_cached: bool = True) -> None:
         self.home = Path(home)
         self.installer_choice = installer
+        self.prefer_cached = prefer_cached
         self._locks: dict[str, _KeyLock] = {}
         self._locks_guard = threading.Lock()
 
@@ -196,7 +197,7 @@ class EnvCache:
             progress("removing the remains of an unfinished build")
             shutil.rmtree(path, ignore_errors=True)
         try:
-            installer = pick_installer(self.installer_choice)
+            installer = pick_installer(self.installer_choice, self.prefer_cached)
         except (ValueError, FileNotFoundError) as exc:
             raise EnvironmentBuildError(str(exc)) from None
         try:

@@ -96,20 +96,36 @@ def _run(cmd: list[str], on_line: Callable[[str], None], env: dict[str, str] | N
 
 
 class UvInstaller:
-    """``uv pip install``: files linked from uv's cache. Bytecode is the cache's business (see bytecode.py)."""
+    """``uv pip install``: files linked from uv's cache. Bytecode is the cache's business (see bytecode.py).
+
+    With ``prefer_cached``, uv first resolves from its cache alone (``--offline``: no round trip to
+    the index, ~0.1 s instead of ~0.5 s here); only when the cache cannot satisfy the requirements
+    does it ask the indexes. An unpinned requirement then gets the newest version uv has cached.
+    """
 
     name = "uv"
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, prefer_cached: bool = True) -> None:
         self.binary = binary
+        self.prefer_cached = prefer_cached
 
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
                 options: Sequence[str] = ()) -> None:
         env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
         env.pop("VIRTUAL_ENV", None)
         with requirement_args(requirements) as args:
-            _run([self.binary, "pip", "install", "--color", "never", "--python", str(python), *options, *args],
-                 on_line, env)
+            command = [self.binary, "pip", "install", "--color", "never", "--python", str(python), *options, *args]
+            if self.prefer_cached:
+                said: list[str] = []
+                try:
+                    _run([*command, "--offline"], said.append, env)
+                except InstallFailed:
+                    on_line("not all of it is in uv's cache: asking the package index")
+                else:
+                    for line in said:
+                        on_line(line)
+                    return
+            _run(command, on_line, env)
 
 
 class PipInstaller:
@@ -134,14 +150,14 @@ def find_uv() -> str | None:
         return shutil.which("uv")
 
 
-def pick_installer(choice: str = "auto") -> Installer:
-    """``"uv"``, ``"pip"`` or ``"auto"`` (uv when available, pip otherwise)."""
+def pick_installer(choice: str = "auto", prefer_cached: bool = True) -> Installer:
+    """``"uv"``, ``"pip"`` or ``"auto"`` (uv when available, pip otherwise); ``prefer_cached``: see UvInstaller."""
     if choice not in ("auto", "uv", "pip"):
         raise ValueError(f"unknown installer {choice!r}: use 'auto', 'uv' or 'pip'")
     if choice in ("auto", "uv"):
         uv = find_uv()
         if uv:
-            return UvInstaller(uv)
+            return UvInstaller(uv, prefer_cached)
         if choice == "uv":
             raise FileNotFoundError("installer 'uv' was asked for but no uv binary was found")
     return PipInstaller()

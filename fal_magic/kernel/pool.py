@@ -113,8 +113,9 @@ class KernelPool:
     def _cache(self) -> EnvCache:
         home = self.config.home_path()
         cache = self._caches.get(home)
-        if cache is None or cache.installer_choice != self.config.installer:
-            cache = self._caches[home] = EnvCache(home, self.config.installer)
+        cfg = self.config
+        if cache is None or (cache.installer_choice, cache.prefer_cached) != (cfg.installer, cfg.prefer_cached):
+            cache = self._caches[home] = EnvCache(home, cfg.installer, cfg.prefer_cached)
         return cache
 
     def runtime_dir(self) -> Path:

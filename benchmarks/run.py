@@ -67,6 +67,18 @@ def rss_of(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def pss_uss_of(pid: int) -> tuple[int, int]:
+    """(PSS, USS) of a process in bytes: its proportional share of shared pages, and its private pages
+    (what ending it gives back), from /proc/PID/smaps_rollup."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0]) * 1024
+    return fields["Pss"], fields["Private_Clean"] + fields["Private_Dirty"]
+
+
 def start_server(home: Path) -> tuple[str, Any]:
     """A jupyter_server with the fal_magic extension on a free loopback port (its URL and process)."""
     import socket
@@ -300,10 +312,15 @@ def main() -> None:
     f_noop()
     [info] = get_pool().snapshot()
     row("idle kernel RSS", f"{rss_of(info.pid) / 2**20:.0f} MiB", "target <= 60 MB")
+    pss, uss = pss_uss_of(info.pid)
+    row("idle kernel PSS / USS", f"{pss / 2**20:.0f} / {uss / 2**20:.0f} MiB", "USS: what ending it frees")
     ten = isolated(keep_alive=600, max_kernels=10)(noop)
     ten.warmup().result()
     total = sum(rss_of(k.pid) for k in get_pool().snapshot())
     row("10 warm kernels, total RSS", f"{total / 2**20:.0f} MiB")
+    shares = [pss_uss_of(k.pid) for k in get_pool().snapshot()]
+    row("10 warm kernels, total PSS / USS", f"{sum(p for p, _ in shares) / 2**20:.0f} / "
+        f"{sum(u for _, u in shares) / 2**20:.0f} MiB", "RSS counts shared pages once per kernel")
     row("host RSS with 10 warm kernels", f"{rss_of(os.getpid()) / 2**20:.0f} MiB")
     get_pool().shutdown()
 

@@ -119,7 +119,9 @@ class UvInstaller:
                 said: list[str] = []
                 try:
                     _run([*command, "--offline"], said.append, env)
-                except InstallFailed:
+                except InstallFailed as exc:
+                    if "no space left on device" in exc.output.lower():
+                        raise  # (asking the index would only fail again, less clearly)
                     on_line("not all of it is in uv's cache: asking the package index")
                 else:
                     for line in said:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fal_magic.kernel import forkserver
+
 # Ctrl-C tests send SIGINT to this process: Python must turn it into KeyboardInterrupt even when the
 # suite was started by a parent that ignores SIGINT (a job started with '&' by a non-interactive shell).
 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -37,19 +39,28 @@ KERNELSPEC_METADATA = {"fal_magic_test": {"provisioner": "none"}}
 _HOME = os.environ.get("FAL_MAGIC_TEST_HOME")
 
 
-def kernel_pids() -> list[int]:
-    """Pids of running ipykernel processes on this machine (zombies excluded), whoever started them."""
+def kernel_pids(templates: bool = False) -> list[int]:
+    """Pids of running ipykernel processes on this machine (zombies excluded), whoever started them,
+    forked ones included; with ``templates``, the kernel templates fal_magic forks them from instead."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            name = (entry / "comm").read_text().strip()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and any(b"ipykernel_launcher" in part or part == b"ipykernel"
-                                or part.endswith(b"launch_ipykernel.py") for part in cmd[:4]):
+        if state == "Z":
+            continue
+        if templates:
+            found = name == forkserver.TEMPLATE_NAME
+        else:
+            found = name == forkserver.KERNEL_NAME or any(
+                b"ipykernel_launcher" in part or part == b"ipykernel" or part.endswith(b"launch_ipykernel.py")
+                for part in cmd[:4])
+        if found:
             pids.append(int(entry.name))
     return pids
 
@@ -68,8 +79,16 @@ def describe_pids(pids: list[int]) -> str:
 _KERNELS_BEFORE = set(kernel_pids())
 
 
+_TEMPLATES_BEFORE = set(kernel_pids(templates=True))
+
+
 def leaked_kernels() -> list[int]:
     return [pid for pid in kernel_pids() if pid not in _KERNELS_BEFORE]
+
+
+def leaked_templates() -> list[int]:
+    """Kernel templates running now that did not before the suite (they outlive tests, not the suite)."""
+    return [pid for pid in kernel_pids(templates=True) if pid not in _TEMPLATES_BEFORE]
 
 
 def pid_alive(pid: int) -> bool:
@@ -121,6 +140,8 @@ def _session_home(fal_home: Path):
     get_pool().close()
     assert wait_until(lambda: not leaked_kernels(), timeout=15), (
         f"kernels outlived the test suite: {describe_pids(leaked_kernels())}")
+    assert wait_until(lambda: not leaked_templates(), timeout=15), (
+        f"kernel templates outlived the test suite: {describe_pids(leaked_templates())}")
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,12 @@ import time
 from fal_magic import isolated
 from fal_magic.kernel import get_pool
 
-from .conftest import leaked_kernels, pid_alive, wait_until
+from .conftest import leaked_kernels, leaked_templates, pid_alive, wait_until
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def _pid_fn(keep_alive):
@@ -83,12 +88,14 @@ def test_kernels_stop_when_the_host_exits_normally(fal_home):
     body = """
         print(pid(), pid.on(requirements=["humanize==4.16.0"])(), flush=True)
     """
+    templates_before = set(leaked_templates())  # this process's own
     out = subprocess.run([sys.executable, "-c", _script(body)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
     kernel_pids = [int(p) for p in out.stdout.split()]
     # shut down by the host's exit cleanup, before it exited: not left to notice their parent is gone
     assert not any(pid_alive(p) for p in kernel_pids)
+    assert set(leaked_templates()) <= templates_before  # the templates they were forked from too
 
 
 def test_kernels_exit_when_the_host_is_killed(fal_home):
@@ -107,9 +114,12 @@ def test_kernels_exit_when_the_host_is_killed(fal_home):
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+        templates = {_parent(p) for p in pids} - {proc.pid}  # forked kernels' parent: their template
+        assert templates and templates <= set(leaked_templates())
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=8), "orphan kernels"
+        assert wait_until(lambda: not any(pid_alive(p) for p in templates), timeout=8), "orphan templates"
     finally:
         proc.kill()
         proc.wait()

@@ -38,22 +38,30 @@ _context_pid = 0
 def zmq_context() -> zmq.Context:
     """One zmq context for every kernel's sockets of this process. Its sockets do not linger: a request
     left unsent to a kernel that died must not block closing them (term() would wait forever). A
-    forked child gets a context of its own: a zmq context does not survive a fork."""
+    forked child gets a context of its own: a zmq context does not survive a fork. A socket retries a
+    connection to a kernel not yet listening every 10 ms (zmq's default, 100 ms, delayed every start)."""
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
         _context = zmq.Context()
         _context.setsockopt(zmq.LINGER, 0)
+        _context.setsockopt(zmq.RECONNECT_IVL, 10)
         _context_pid = os.getpid()
     return _context
 
 
-class _EnvKernelSpecs(KernelSpecManager):
-    """Kernel specs made on the fly for one environment: its Python, run directly (no wrapper),
-    so ipykernel's parent polling sees the host as its parent."""
+#: The kernel provisioner (an entry point of fal_magic's) that forks kernels from a template.
+TEMPLATE_PROVISIONER = "fal-magic-template-provisioner"
 
-    def __init__(self, python: Path, **kwargs: Any) -> None:
+
+class _EnvKernelSpecs(KernelSpecManager):
+    """Kernel specs made on the fly for one environment: its Python, run directly (no wrapper), so
+    ipykernel's parent polling sees its real parent (the host, or the environment's template when
+    ``fork``: see kernel/forked.py)."""
+
+    def __init__(self, python: Path, fork: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.python = python
+        self.fork = fork
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         return KernelSpec(
@@ -62,6 +70,7 @@ class _EnvKernelSpecs(KernelSpecManager):
             language="python",
             interrupt_mode="signal",
             argv=kernel_argv(str(self.python)),
+            metadata={"kernel_provisioner": {"provisioner_name": TEMPLATE_PROVISIONER}} if self.fork else {},
         )
 
 
@@ -114,9 +123,10 @@ class LocalKernel(Kernel):
     """One kernel process on this machine, a child of the host, and its client."""
 
     def __init__(self, key: str, requirements: tuple[str, ...], cache: EnvCache, runtime_dir: Path,
-                 shm_dir: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 shm_dir: Path | None = None, env: Mapping[str, str] | None = None, fork: bool = True) -> None:
         super().__init__(key, requirements)
         self.cache = cache
+        self.fork = fork  # forked from the environment's template (else launched as a new process)
         self.env = dict(env or {})  # the caller's variables for this kernel (never shown)
         self.runtime_dir = runtime_dir
         self.shm_dir = shm_dir
@@ -137,7 +147,7 @@ class LocalKernel(Kernel):
         started = time.perf_counter()
         km = KernelManager(
             kernel_name=f"env-{env.key}",
-            kernel_spec_manager=_EnvKernelSpecs(env.python),
+            kernel_spec_manager=_EnvKernelSpecs(env.python, self.fork),
             transport="ipc",
             connection_file=str(self.runtime_dir / f"kernel-{self.id}.json"),
             context=zmq_context(),
@@ -172,7 +182,6 @@ class LocalKernel(Kernel):
             # shell and iopub only: no stdin (cells run with allow_stdin=False), no heartbeat (liveness
             # is read from the process), no control (interrupts are signals): fewer descriptors
             self.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-            self.kc.wait_for_ready(timeout=timeout)
             self._bootstrap(timeout, fast_address)
         except BaseException as exc:
             tail = _tail(self.log_path)
@@ -191,10 +200,14 @@ class LocalKernel(Kernel):
         self.cache.release(self.key)
 
     def _bootstrap(self, timeout: float, fast_address: str) -> None:
-        """Send the runtime in, open its comm, and check the kernel's Python against the host's."""
+        """Send the runtime in, open its comm, and check the kernel's Python against the host's.
+
+        Sent at once, not after ``wait_for_ready``: zmq holds the request until the kernel has bound its
+        sockets, and ``wait_for_ready`` spent ~0.25 s of a kernel start in its fixed pauses."""
         kc = self.kc
         msg_id = kc.execute(BOOTSTRAP, silent=True, store_history=False)
         reply = self._shell_reply(msg_id, timeout)
+        self._await_iopub(timeout)
         if reply["content"]["status"] != "ok":
             c = reply["content"]
             raise KernelStartError(f"the fal_magic runtime failed to load in the kernel: {c.get('ename')}: "
@@ -209,6 +222,20 @@ class LocalKernel(Kernel):
         if hello.get("fast"):  # the runtime has bound its fast channel
             self.fast = zmq_context().socket(zmq.PAIR)
             self.fast.connect(fast_address)
+
+    def _await_iopub(self, timeout: float) -> None:
+        """Return once iopub delivers (the kernel's welcome to a new subscriber, or a status), so no
+        output of a call can be published before the host listens; ask for kernel info meanwhile
+        (its status messages arrive on iopub as soon as the subscription holds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.kc.iopub_channel.get_msg(timeout=0.1)
+                return
+            except Empty:
+                self.raise_if_dead("while starting")
+                self.kc.kernel_info()
+        raise KernelStartError("the kernel's iopub channel did not connect")
 
     def _shell_reply(self, msg_id: str, timeout: float) -> Message:
         return self._wait(self.kc.shell_channel, timeout, "while waiting for a reply",

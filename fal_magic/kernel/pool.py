@@ -29,6 +29,7 @@ from ..envs.indexes import own_settings, site_settings
 from ..envs.spec import mask_credentials
 from ..errors import FalMagicError, KernelStartError
 from ..outputs import OutputSink
+from . import forked
 from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, Reply, slot_name
 from .local import LocalKernel
 from .remote import RemoteKernel, ServerClient, check_url
@@ -206,7 +207,8 @@ class KernelPool:
     def _new_kernel(self, spec: EnvSpec, url: str | None, env: Mapping[str, str]) -> Kernel:
         """A kernel of the kind that runs where ``url`` says: this machine (None) or a Jupyter Server."""
         if url is None:
-            return LocalKernel(spec.key, spec.requirements, self._cache(), self.runtime_dir(), self._shm_dir, env)
+            return LocalKernel(spec.key, spec.requirements, self._cache(), self.runtime_dir(), self._shm_dir, env,
+                               fork=self.config.fork_kernels)
         return RemoteKernel(spec.key, spec.requirements, ServerClient(url, self.config.resolved_token()))
 
     def release(self, kernel: Kernel, keep_alive: float) -> None:
@@ -321,6 +323,7 @@ class KernelPool:
                     k.state = "stopping"
                     self._forget(k)
                 if not expired:
+                    forked.retire_idle(self.config.template_keep_alive)
                     deadlines = [k.deadline for ks in self._kernels.values() for k in ks if k.state == "idle"]
                     wait = self.config.culler_interval
                     if deadlines:
@@ -365,6 +368,7 @@ class KernelPool:
             self._runtime_dir = self._shm_dir = None
         if self._culler is not None:  # it may be shutting down expired kernels (keep_alive=0): let it end
             self._culler.join(timeout=15)
+        forked.stop_all()
         _close_idle_event_loop()
         for path in dirs:
             if path is not None:

@@ -1,0 +1,190 @@
+"""A kernel template: a process on an environment's Python that imports ipykernel once, then forks
+each new kernel of that environment from itself, so a kernel starts without paying for its imports.
+
+Run by the host (``kernel/forked.py``) as ``<env python> forkserver.py``, with a unix stream socket as
+its standard input. Imports only the standard library before it has answered ``ready`` (then
+ipykernel, IPython and what they pull in, but nothing that starts a thread or an event loop: forking
+a process with threads is unsafe, so the template refuses to fork once it has more than one thread).
+
+On the socket, one request at a time from the host: a 4-byte length, a JSON object
+(``{"op": "fork", "args": [...], "env": {...}, "cwd": "..."}``) and the descriptors that become the
+kernel's stdin, stdout and stderr. Back, newline-separated JSON: ``ready``, ``forked`` (with the pid)
+or ``failed``, and, whenever a kernel ends, ``exit`` with its pid and exit code (negative: the signal),
+since the kernels are the template's children, not the host's. The template ends, killing every
+kernel it forked, when the host closes the socket or is gone (its parent changed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+#: What a kernel imports anyway, imported here once, before any fork.
+PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.comm", "ipykernel.debugger",
+           "IPython.core.completer", "cloudpickle", "faulthandler", "hmac", "codecs", "termios")
+
+#: How often the template checks that its host still lives, in seconds.
+HOST_CHECK = 0.2
+
+
+#: Process names (``ps -o comm``, ``top``) of a template and of the kernels it forks, whose command
+#: lines stay the template's.
+TEMPLATE_NAME = "fal-template"
+KERNEL_NAME = "fal-kernel"
+
+
+def _name(name: str) -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:  # no /proc (macOS): ps shows the command line only
+        pass
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+class _Template:
+    def __init__(self, host: socket.socket) -> None:
+        self.host = host
+        self.parent = os.getppid()
+        self.children: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # the wake-up descriptor does the work
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the kernels' business
+
+    def send(self, **message: object) -> None:
+        self.host.sendall(json.dumps(message).encode() + b"\n")
+
+    def serve(self) -> dict | None:
+        """Answer the host until it is gone (None), or return a fork request in the forked child."""
+        pending = b""
+        fds: list[int] = []
+        while True:
+            watched: list[Any] = [self.host, self.wake_r]
+            ready, _, _ = select.select(watched, [], [], HOST_CHECK)
+            if os.getppid() != self.parent:
+                return None
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+                self.reap()
+            if self.host in ready:
+                data, new_fds, _, _ = socket.recv_fds(self.host, 1 << 16, 3)
+                if not data:
+                    return None
+                pending += data
+                fds += new_fds
+                while len(pending) >= 4 and len(pending) >= 4 + int.from_bytes(pending[:4], "big"):
+                    size = int.from_bytes(pending[:4], "big")
+                    request, pending = json.loads(pending[4:4 + size]), pending[4 + size:]
+                    taken, fds = fds[:3], fds[3:]
+                    if self.fork(request, taken) == 0:
+                        return request
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.send(op="exit", pid=pid, code=os.waitstatus_to_exitcode(status))
+
+    def fork(self, request: dict, fds: list[int]) -> int:
+        """Fork a kernel; in the child, set it up as jupyter_client's launcher would and return 0."""
+        threads = _threads()
+        if threads > 1 or len(fds) != 3:
+            self.send(op="failed", error=f"cannot fork: {threads} threads, {len(fds)} descriptors")
+            for fd in fds:
+                os.close(fd)
+            return -1
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.become_child(request, fds)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            return 0
+        for fd in fds:
+            os.close(fd)
+        self.children.add(pid)
+        self.send(op="forked", pid=pid)
+        return pid
+
+    def become_child(self, request: dict, fds: list[int]) -> None:
+        _name(KERNEL_NAME)
+        os.setsid()  # its own session and process group, as jupyter_client starts kernels
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
+        self.host.detach()
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ["JPY_PARENT_PID"] = str(os.getppid())
+
+
+def end_kernels(children: set[int]) -> None:
+    """The host is gone: end every kernel this template forked, with what each kernel started."""
+    for pid in children:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def run_kernel(request: dict) -> None:
+    """In a forked child: run ipykernel as ``python -m ipykernel_launcher ARGS`` would."""
+    import ipykernel_launcher
+    from ipykernel.kernelapp import IPKernelApp
+
+    sys.argv = [ipykernel_launcher.__file__, *request["args"]]
+    # its default was read from the template's environment at import: the parent to watch is the template
+    IPKernelApp.launch_instance(argv=[*request["args"], f"--IPKernelApp.parent_handle={os.getppid()}"])
+
+
+def main() -> None:
+    del sys.path[0]  # this file's directory (fal_magic's kernel package) is not the kernel's
+    _name(TEMPLATE_NAME)
+    host = socket.socket(fileno=0)
+    template = _Template(host)
+    try:
+        for name in PRELOAD:
+            __import__(name)
+    except BaseException as exc:
+        template.send(op="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    # where the preloaded modules came from: the host starts a new template once one of these changes
+    # (a package added or removed: the modules held here would no longer be the environment's)
+    sources = sorted({os.path.dirname(os.path.dirname(sys.modules[name.partition(".")[0]].__file__ or ""))
+                      for name in PRELOAD if getattr(sys.modules.get(name.partition(".")[0]), "__file__", None)})
+    template.send(op="ready", pid=os.getpid(), threads=_threads(), sources=sources)
+    request = template.serve()
+    if request is None:
+        end_kernels(template.children)
+        return
+    del template
+    run_kernel(request)
+
+
+if __name__ == "__main__":
+    main()

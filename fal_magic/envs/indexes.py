@@ -221,22 +221,37 @@ _VARIABLES = ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "UV_INDEX", "UV_EXTRA_INDEX_UR
 _memo: dict[Any, Indexes] = {}
 
 
-def _stamp(path: Path) -> tuple[str, int]:
+def _stamp(path: str) -> int:
     try:
-        return str(path), path.stat().st_mtime_ns
+        return os.stat(path).st_mtime_ns
     except OSError:
-        return str(path), -1
+        return -1
+
+
+_files_memo: dict[Any, tuple[str, ...]] = {}
+
+
+def _config_files(environ: Mapping[str, str], home: Path, variables: tuple[str | None, ...]) -> tuple[str, ...]:
+    """The pip and uv configuration files to watch (which depend only on ``home`` and the variables)."""
+    slot = (str(home), variables)
+    found = _files_memo.get(slot)
+    if found is None:
+        config_home = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
+        dirs = (environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":")
+        files = [*pip_config_files(environ, home), config_home / "uv" / "uv.toml", Path("/etc/uv/uv.toml"),
+                 *(Path(d) / "uv" / "uv.toml" for d in dirs if d)]
+        _files_memo.clear()
+        found = _files_memo[slot] = tuple(str(f) for f in files)
+    return found
 
 
 def site_settings(own: Indexes, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Indexes:
     """fal_magic's settings over uv's configuration over pip's, as they are now (the files are read
-    again only when one of them, or a variable, changed)."""
+    again only when one of them, or a variable, changed: at each call, a few ``stat`` calls)."""
     environ = os.environ if environ is None else environ
     home = Path.home() if home is None else home
-    config_home = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
-    files = [*pip_config_files(environ, home), config_home / "uv" / "uv.toml", Path("/etc/uv/uv.toml"),
-             *(Path(d) / "uv" / "uv.toml" for d in (environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":") if d)]
-    fingerprint = (own, str(home), tuple(environ.get(v) for v in _VARIABLES), tuple(_stamp(f) for f in files))
+    variables = tuple(environ.get(v) for v in _VARIABLES)
+    fingerprint = (own, str(home), variables, tuple(_stamp(f) for f in _config_files(environ, home, variables)))
     found = _memo.get(fingerprint)
     if found is None:
         _memo.clear()

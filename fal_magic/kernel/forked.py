@@ -31,7 +31,7 @@ log = logging.getLogger("fal_magic")
 #: Variables that shape how Python starts (read once, at interpreter start-up): kernels that differ in
 #: them cannot share a template. The template runs with these and the few below, nothing else.
 _STARTUP_PREFIXES = ("PYTHON", "LC_")
-_STARTUP_NAMES = ("LANG",)
+_STARTUP_NAMES = ("LANG", "TZ")
 _TEMPLATE_NAMES = ("PATH", "VIRTUAL_ENV", "HOME", "TMPDIR", "USER", "PYDEVD_DISABLE_FILE_VALIDATION")
 
 #: Seconds a template may take to import what kernels need.

@@ -34,9 +34,9 @@ def helper(x):
     return x * SCALE
 
 
-def in_shared_memory(array) -> bool:
-    """Whether an array's memory is a mapping of a file in fal_magic's shared-memory directory (run
-    in the kernel: it reads the process's own memory map)."""
+def mapped_file(array) -> str | None:
+    """The file in fal_magic's shared-memory directory that an array's memory maps, if any (read from
+    the calling process's own memory map: in the kernel when called there)."""
     import ctypes
 
     address = ctypes.addressof(ctypes.c_char.from_buffer(array))
@@ -45,8 +45,12 @@ def in_shared_memory(array) -> bool:
             fields = line.split()
             start, end = (int(x, 16) for x in fields[0].split("-"))
             if start <= address < end:
-                return len(fields) > 5 and fields[5].startswith("/dev/shm/fal_magic-")
-    return False
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/dev/shm/fal_magic-") else None
+    return None
+
+
+def in_shared_memory(array) -> bool:
+    return mapped_file(array) is not None
 
 
 class Point:
@@ -185,8 +189,51 @@ def test_large_arrays_cross_through_shared_memory_and_stay_private_to_each_side(
     assert kept_ends() == (1.0, 1.0)
     doubled = double_in_place(arr)
     assert doubled.flags.writeable and (doubled == 2).all() and (arr == 1).all()
+    get_pool().shutdown()
     left = [p for d in glob.glob(f"/dev/shm/fal_magic-{os.getpid()}-*") for p in os.listdir(d)]
-    assert left == []  # every shared-memory file was removed once mapped
+    assert left == []  # the segments of both sides went with the kernel
+    assert (back[0], back[-1], doubled[1]) == (99, 7, 2)  # and what the host holds stays valid
+
+
+def test_shared_memory_is_reused_once_the_other_side_lets_go_and_never_before():
+    np = pytest.importorskip("numpy")
+    from fal_magic.kernel.runtime import SHM_MIN
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def segment_of(a, keep=False):
+        import sys
+
+        if keep:
+            sys.fal_kept = a
+        return mapped_file(a)
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def kept_sum():
+        import sys
+
+        return float(sys.fal_kept.sum())
+
+    @isolated(keep_alive=30, requirements=["numpy"])
+    def filled(n, value):
+        import numpy as np
+
+        return np.full(n, value)
+
+    n = 2 * SHM_MIN // 8
+    first = segment_of(np.ones(n))
+    assert first is not None and segment_of(np.ones(n)) == first  # the host wrote into the same pages
+    assert segment_of(np.ones(n), keep=True) == first  # this time the kernel keeps the array
+    assert segment_of(np.full(n, 2.0)) != first  # so the next argument goes elsewhere
+    assert kept_sum() == n  # and the kept array was not written over
+
+    r1 = filled(n, 1.0)
+    assert mapped_file(r1) is not None
+    r2 = filled(n, 2.0)
+    assert mapped_file(r2) != mapped_file(r1) and (r1 == 1).all()  # r1 is still used here
+    released = mapped_file(r1)
+    del r1
+    r3 = filled(n, 3.0)
+    assert mapped_file(r3) == released and (r2 == 2).all() and (r3 == 3).all()  # r1's pages, reused
 
 
 def test_large_arrays_still_cross_when_shared_memory_cannot_be_written():

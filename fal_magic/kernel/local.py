@@ -133,6 +133,9 @@ class LocalKernel(Kernel):
         self.log_path = runtime_dir / f"kernel-{self.id}.log"
         self.broker: Any = None
         self.fast: Any = None
+        self.arena: runtime.Arena | None = None
+        self._results: dict[str, Any] = {}  # the kernel's segments that results here are built on
+        self._returned: dict[str, Any] = {}  # ours, come back as results (an argument returned)
         self.km: KernelManager | None = None
         self.kc: Any = None
         self._poller: zmq.Poller | None = None
@@ -355,9 +358,11 @@ class LocalKernel(Kernel):
             if sock is not None:
                 sock.close()
         self.broker = self.fast = None
-        if self.shm_dir is not None and self.pid is not None:  # results a dead kernel never handed over
+        if self.shm_dir is not None and self.pid is not None:  # the kernel's arena (mapped results stay valid)
             for path in self.shm_dir.glob(f"k-{self.pid}-*"):
                 path.unlink(missing_ok=True)
+        if self.arena is not None:
+            self.arena.close()
         for path in (self.log_path, self.runtime_dir / f"kernel-{self.id}-broker",
                      self.runtime_dir / f"kernel-{self.id}-fast"):
             try:
@@ -369,42 +374,53 @@ class LocalKernel(Kernel):
 
     def call(self, frames: Frames, sink: OutputSink, grace: float, nested: NestedHandler | None = None) -> Reply:
         """A call on the runtime's fast channel when it has one (large buffers through shared memory
-        both ways), else as a comm request."""
+        both ways: see ``runtime.Arena``), else as a comm request."""
         if self.fast is None:
             return super().call(frames, sink, grace, nested)
         self.calls += 1
         frames = list(frames)
         sent: dict[int, list] = {}
-        directory = str(self.shm_dir) if self.shm_dir is not None else ""
+        arena = self._arena()
+        done = False
         try:
-            if directory:
+            free: list[str] = []
+            if arena is not None:
+                arena.give_back(runtime.unmapped(self._returned))  # ours, back from the caller's objects
+                free = runtime.unmapped(self._results)  # the kernel's, no longer used here
                 for index in range(1, len(frames)):
                     if memoryview(frames[index]).nbytes >= runtime.SHM_MIN:
-                        written = runtime.shm_put(directory, "h", frames[index])
+                        written = arena.put(frames[index])
                         if written is not None:  # else shared memory is full: the frame goes inline
                             sent[index] = written
                             frames[index] = b""
             msg_id = uuid.uuid4().hex
             header = json.dumps({"msg_id": msg_id, "id": msg_counter(), "session": self.kc.session.session,
-                                 "shm": sent}).encode()
+                                 "shm": sent, "free": free}).encode()
             self.fast.send_multipart([runtime.sign(self.kc.session.key, header), header, *frames], copy=False)
             reply = serve(self, msg_id, sink, grace, "outside", nested)
             placed = reply.content.pop("shm", None) or {}
+            if arena is not None:
+                arena.give_back(reply.content.pop("free", []))
             if placed:
+                assert arena is not None
                 reply.buffers = list(reply.buffers)
-                sizes = {name: size for name, size in sent.values()}
                 for index, (kind, name, offset, size) in placed.items():
-                    mm = runtime.shm_map(directory, name, sizes[name] if kind == "ref" else size)
-                    if kind == "new":
-                        os.unlink(os.path.join(directory, name))  # mapped: the memory lives while it is used
+                    mm = runtime.shm_map(arena.directory, name, offset + size)
+                    # "new": a segment of the kernel's arena; "ref": one of ours, the argument itself
+                    (self._results if kind == "new" else self._returned)[name] = mm
                     reply.buffers[int(index)] = memoryview(mm)[offset:offset + size]
+            done = True
             return reply
         finally:
-            for name, _ in sent.values():
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except OSError:
-                    pass
+            if not done and arena is not None:  # the kernel may still map them: never written again
+                for name, _ in sent.values():
+                    arena.forget(name)
+
+    def _arena(self) -> runtime.Arena | None:
+        """This kernel's shared-memory segments on the host's side (None: no shared memory here)."""
+        if self.arena is None and self.shm_dir is not None:
+            self.arena = runtime.Arena(str(self.shm_dir), f"h-{self.id}")
+        return self.arena
 
     def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
                          nested: NestedHandler | None = None, **fields: Any) -> Reply:

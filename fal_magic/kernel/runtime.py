@@ -61,31 +61,108 @@ SHM_ENV = "FAL_MAGIC_SHM"
 _shm_counter = iter(range(1 << 62))
 
 
-def shm_put(directory: str, prefix: str, buffer: Any) -> "list | None":
-    """Write ``buffer`` to a new owner-only file in ``directory``; return ``[name, size]``, or None
-    when shared memory is full (a container's /dev/shm is often 64 MB): the buffer then goes inline."""
-    view = memoryview(buffer).cast("B")
-    name = f"{prefix}-{os.getpid()}-{next(_shm_counter)}"
-    path = os.path.join(directory, name)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+#: Free segments an arena keeps for reuse, in bytes (more is given back to the system).
+ARENA_LIMIT = 1 << 30
+
+
+class Arena:
+    """Shared-memory files that one side (the host for a kernel, or a kernel) owns and reuses.
+
+    The owner writes a buffer through a mapping it keeps, into pages that are already there: writing
+    fresh pages costs several times a copy on these machines (first touch). A segment is lent to the
+    other side for one transfer and comes back once that side has unmapped it (its objects no longer
+    use it), so the two sides never share live memory. Segments are files in an owner-only directory,
+    allocated in full before use (a full /dev/shm is an error here, not a SIGBUS later)."""
+
+    def __init__(self, directory: str, prefix: str) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self.free: dict[str, Any] = {}  # name -> the owner's mapping
+        self.lent: dict[str, Any] = {}
+
+    def put(self, buffer: Any) -> "list | None":
+        """Copy ``buffer`` into a free segment large enough, or a new one; return ``[name, size]`` (the
+        segment is lent from now on), or None when shared memory cannot take it (it then goes inline)."""
+        view = memoryview(buffer).cast("B")
+        size = view.nbytes
+        fitting = [name for name, mm in self.free.items() if size <= len(mm) <= 2 * size]
+        if fitting:
+            name = min(fitting, key=lambda n: len(self.free[n]))
+            mm = self.free.pop(name)
+        else:
+            name, mm = self._new(size)
+            if mm is None:
+                return None
+        mm[:size] = view
+        self.lent[name] = mm
+        return [name, size]
+
+    def _new(self, size: int) -> "tuple[str, Any]":
+        import mmap
+
+        name = f"{self.prefix}-{os.getpid()}-{next(_shm_counter)}"
+        path = os.path.join(self.directory, name)
+        capacity = -(-size // (1 << 20)) << 20  # whole MiB: a slightly larger buffer fits next time
         try:
-            written = 0
-            while written < view.nbytes:
-                written += os.write(fd, view[written:written + (64 << 20)])
-        finally:
-            os.close(fd)
-    except OSError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, capacity)
+                return name, mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return name, None
+
+    def give_back(self, names: "list[str]") -> None:
+        """The other side no longer maps these segments: they may be written again."""
+        for name in names:
+            mm = self.lent.pop(name, None)
+            if mm is not None:
+                self.free[name] = mm
+        while sum(len(mm) for mm in self.free.values()) > ARENA_LIMIT:
+            self._remove(max(self.free, key=lambda n: len(self.free[n])), self.free)
+
+    def forget(self, name: str) -> None:
+        """The other side keeps this segment for good (it holds the objects built on it): unlink it,
+        so that its memory lives exactly as long as they do."""
+        if name in self.lent:
+            self._remove(name, self.lent)
+
+    def _remove(self, name: str, table: dict) -> None:
+        table.pop(name).close()
         try:
-            os.unlink(path)
+            os.unlink(os.path.join(self.directory, name))
         except OSError:
             pass
-        return None
-    return [name, view.nbytes]
+
+    def close(self) -> None:
+        """Remove every segment (the other side's mappings stay valid until it drops them)."""
+        for table in (self.free, self.lent):
+            for name in list(table):
+                self._remove(name, table)
+
+
+def unmapped(mappings: dict) -> "list[str]":
+    """Close the mappings (by segment name) that no object uses any more; return their names. The
+    others stay open, and in ``mappings``, while something holds them."""
+    closed = []
+    for name, mm in list(mappings.items()):
+        try:
+            mm.close()
+        except BufferError:
+            continue
+        del mappings[name]
+        closed.append(name)
+    return closed
 
 
 def shm_map(directory: str, name: str, size: int) -> Any:
-    """Map a file written by ``shm_put`` (shared, writable: arrays built on it can change in place)."""
+    """Map the first ``size`` bytes of a segment of the other side's arena (shared, writable: arrays
+    built on it can change in place)."""
     import mmap
 
     fd = os.open(os.path.join(directory, name), os.O_RDWR)
@@ -477,6 +554,8 @@ class Runtime:
         self.fast: _FastChannel | None = None
         self._parts: dict[int, bytearray] = {}
         self.shm_dir = os.environ.get(SHM_ENV, "")
+        self.arena: Arena | None = None  # this kernel's segments for large results
+        self.held: dict = {}  # the host's segments this kernel still maps (its objects use them), by name
 
     def open(self, comm: Any, msg: dict) -> None:
         """A host connected: tell it who we are so it can check versions before any pickle crosses."""
@@ -561,6 +640,10 @@ class Runtime:
         for target in (sys.stdout, sys.stderr, self.shell.display_pub):
             if hasattr(target, "set_parent"):
                 target.set_parent(parent)
+        if self.shm_dir and self.arena is None:
+            self.arena = Arena(self.shm_dir, "k")
+        if self.arena is not None:
+            self.arena.give_back(header.get("free", []))  # segments of ours the host no longer maps
         segments = {}
         frames = list(frames)
         for index, (name, size) in header.get("shm", {}).items():
@@ -573,17 +656,21 @@ class Runtime:
         finally:
             signal.signal(signal.SIGINT, saved)
         del frames
-        if self.shm_dir:  # (without it, no segments either)
-            reply["shm"] = self._result_to_shm(out, segments)
+        if self.arena is not None:  # (without it, no segments either)
+            reply["shm"], reply["free"] = self._result_to_shm(out, segments)
         kernel.session.send(kernel.iopub_socket, "status", {"execution_state": "idle"}, parent=parent,
                             ident=b"status")
         sock.send_multipart([json.dumps(reply).encode(), *out], copy=False)
 
-    def _result_to_shm(self, out: list, segments: dict) -> dict:
+    def _result_to_shm(self, out: list, segments: dict) -> "tuple[dict, list]":
         """Move the result's large buffers to shared memory (the frames are emptied; the map returned
-        says where each went). A buffer that lies in an argument's segment goes back as a reference
-        to it, but only if nothing here holds on to that segment any more; otherwise host and kernel
-        would share live memory, so it is copied to a new file like any other buffer."""
+        says where each went), and say which of the host's segments this kernel no longer maps.
+
+        A buffer that lies in an argument's segment goes back as a reference to it, but only if nothing
+        here holds on to that segment any more; otherwise host and kernel would share live memory, so it
+        is copied into this kernel's arena like any other buffer. Segments the kernel's objects still
+        hold stay mapped, and are reported free at the end of a later call, once they are let go."""
+        assert self.arena is not None
         placed: dict[int, list] = {}
         refs: dict[int, tuple] = {}
         for index in range(1, len(out)):
@@ -594,34 +681,24 @@ class Runtime:
                 refs[index] = (found[0], found[1], memoryview(out[index]).nbytes)
                 out[index] = b""
             else:
-                written = shm_put(self.shm_dir, "k", out[index])
+                written = self.arena.put(out[index])
                 if written is not None:  # else it stays an inline frame
                     placed[index] = ["new", written[0], 0, written[1]]
                     out[index] = b""
-        closed = self._close(segments)
+        self.held.update(segments)
+        closed = unmapped(self.held)
         for index, (name, offset, size) in refs.items():
             if name in closed:
                 placed[index] = ["ref", name, offset, size]
                 continue
-            written = shm_put(self.shm_dir, "k", memoryview(segments[name])[offset:offset + size])
+            piece = memoryview(self.held[name])[offset:offset + size]
+            written = self.arena.put(piece)
             if written is not None:
                 placed[index] = ["new", written[0], 0, size]
             else:
-                out[index] = bytes(memoryview(segments[name])[offset:offset + size])
-        return placed
-
-    @staticmethod
-    def _close(segments: dict) -> set:
-        """Unmap the arguments' segments; return the names that nothing in the kernel uses any more
-        (the others stay mapped while the function's objects hold them)."""
-        closed = set()
-        for name, mm in segments.items():
-            try:
-                mm.close()
-                closed.add(name)
-            except BufferError:
-                pass
-        return closed
+                out[index] = bytes(piece)
+        returned = {where[1] for where in placed.values() if where[0] == "ref"}
+        return placed, [name for name in closed if name not in returned]
 
     def op_call(self, data: dict, buffers: list) -> Any:
         """Run a pickled ``(function, args, kwargs)``."""

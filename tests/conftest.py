@@ -13,9 +13,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 from fal_magic.kernel import forkserver
+
+from . import kernel_side
+
+cloudpickle.register_pickle_by_value(kernel_side)
 
 # Ctrl-C tests send SIGINT to this process: Python must turn it into KeyboardInterrupt even when the
 # suite was started by a parent that ignores SIGINT (a job started with '&' by a non-interactive shell).

@@ -24,6 +24,7 @@ from fal_magic import (
 )
 from fal_magic.kernel import get_pool
 
+from .kernel_side import mapped_file
 from .conftest import pid_alive, wait_until
 
 SCALE = 7  # a module-level global that functions below use
@@ -32,21 +33,6 @@ SCALE = 7  # a module-level global that functions below use
 def helper(x):
     """A module-level helper: travels with the functions that use it."""
     return x * SCALE
-
-
-def mapped_file(array) -> str | None:
-    """The file in fal_magic's shared-memory directory that an array's memory maps, if any (read from
-    the calling process's own memory map: in the kernel when called there)."""
-    import ctypes
-
-    address = ctypes.addressof(ctypes.c_char.from_buffer(array))
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if start <= address < end:
-                return fields[5] if len(fields) > 5 and fields[5].startswith("/dev/shm/fal_magic-") else None
-    return None
 
 
 def in_shared_memory(array) -> bool:

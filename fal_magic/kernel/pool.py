@@ -28,6 +28,7 @@ from ..envs import EnvCache, EnvSpec, spec_for
 from ..envs.indexes import own_settings, site_settings
 from ..envs.spec import mask_credentials
 from ..errors import FalMagicError, KernelStartError
+from ..leftovers import remove_orphaned
 from ..outputs import OutputSink
 from . import forked
 from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, Reply, slot_name
@@ -473,16 +474,7 @@ def _remove_stale_runtime_dirs() -> None:
              for path in Path(root).glob(f"{RUNTIME_PREFIX}*-*")]
     if os.path.isdir(SHM_ROOT):
         found += Path(SHM_ROOT).glob(f"{RUNTIME_PREFIX}*-*")
-    for path in found:
-        try:
-            pid = int(path.name[len(RUNTIME_PREFIX):].split("-", 1)[0])
-            if path.stat().st_uid != os.getuid() or pid == os.getpid():
-                continue
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, OSError):
-            continue
+    remove_orphaned(found, RUNTIME_PREFIX)
 
 
 _pool: KernelPool | None = None

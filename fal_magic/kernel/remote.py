@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from jupyter_client.session import Session
 from ..envs import EnvSpec
 from ..errors import AuthenticationError, EnvironmentBuildError, FalMagicError, KernelDiedError, KernelStartError
 from ..outputs import OutputSink
+from . import runtime
 from .contract import Frames, Kernel, Message, NestedHandler, NotStartedError, Progress, Reply
 from .protocol import BOOTSTRAP, LIVENESS_PERIOD, check_hello, comm_open, is_hello, msg_counter
 from .request import serve
@@ -38,6 +40,10 @@ CHUNK = 4 * 1024 * 1024
 
 #: How long one HTTP exchange with the server may stay silent (builds send a heartbeat line).
 HTTP_TIMEOUT = 60.0
+#: The same for moving a large buffer.
+BLOB_TIMEOUT = 600.0
+
+log = logging.getLogger("fal_magic")
 
 _DEATH = "death"  # the inbox channel name of the reader's "the kernel is gone" notice
 
@@ -130,10 +136,15 @@ class ServerClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = HTTP_TIMEOUT) -> Any:
-        """An open HTTP response for ``method path`` (JSON body); FalMagicError subclasses on failure."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = {**self._headers(), **({"Content-Type": "application/json"} if data is not None else {})}
+    def request(self, method: str, path: str, body: Any = None, timeout: float = HTTP_TIMEOUT,
+                raw: Any = None) -> Any:
+        """An open HTTP response for ``method path`` (a JSON ``body``, or ``raw`` bytes); FalMagicError
+        subclasses on failure."""
+        if raw is not None:
+            data, kind = raw, "application/octet-stream"
+        else:
+            data, kind = (None if body is None else json.dumps(body).encode()), "application/json"
+        headers = {**self._headers(), **({"Content-Type": kind} if data is not None else {})}
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             return urllib.request.urlopen(req, timeout=timeout)
@@ -155,10 +166,10 @@ class ServerClient:
             raise KernelStartError(f"cannot reach the Jupyter Server at {self.url}: {reason}") from None
 
     def build_env(self, spec: EnvSpec, progress: Callable[[str], None],
-                  machine_type: str | None = None) -> tuple[str, str | None]:
+                  machine_type: str | None = None) -> tuple[str, str | None, str | None]:
         """Have the server build (or find) ``spec``'s environment (on a host of ``machine_type``'s group,
-        when the server has groups); return the kernelspec name for it, and that host (None: the
-        server's own machine)."""
+        when the server has groups); return the kernelspec name for it, that host (None: the server's
+        own machine), and the server's blob directory when the kernel will run there."""
         body = {"requirements": list(spec.requirements), "python": spec.python, "cloudpickle": spec.cloudpickle,
                 "machine_type": machine_type}
         with self.request("POST", "/fal_magic/api/envs", body) as resp:
@@ -172,8 +183,30 @@ class ServerClient:
                     kind = EnvironmentBuildError if event.get("type") == "EnvironmentBuildError" else FalMagicError
                     raise kind(f"on {self.url}: {event['error']}")
                 elif "kernel_name" in event:
-                    return event["kernel_name"], event.get("host")
+                    return event["kernel_name"], event.get("host"), event.get("blobs")
         raise FalMagicError(f"the Jupyter Server at {self.url} ended the environment build without an answer")
+
+    def upload(self, data: Any) -> str:
+        """Store ``data`` (bytes-like) as a blob on the server; its path there (for the kernel)."""
+        with self.request("POST", "/fal_magic/api/blobs", raw=memoryview(data).cast("B"),
+                          timeout=BLOB_TIMEOUT) as resp:
+            return str(json.load(resp)["path"])
+
+    def download(self, name: str, size: int) -> memoryview:
+        """Fetch (and so remove) a kernel's result blob from the server, into memory mapped with its
+        pages made up front (cheaper than faulting in fresh pages one by one while receiving)."""
+        import mmap
+
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        view = memoryview(mmap.mmap(-1, size, flags=flags))
+        with self.request("GET", f"/fal_magic/api/blobs/{name}", timeout=BLOB_TIMEOUT) as resp:
+            got = 0
+            while got < size:
+                count = resp.readinto(view[got:])
+                if not count:
+                    raise FalMagicError(f"the Jupyter Server at {self.url} sent {got} of {size} bytes of a result")
+                got += count
+        return view
 
     def start_kernel(self, kernel_name: str) -> str:
         with self.request("POST", "/api/kernels", {"name": kernel_name}) as resp:
@@ -239,12 +272,13 @@ class RemoteKernel(Kernel):
         self.session = Session(key=b"", username="fal_magic")  # the server signs what it forwards
         self._inbox: queue.Queue = queue.Queue()
         self._death: str | None = None
+        self.blob_dir: str | None = None  # the server's, when the kernel runs on its machine
 
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self, spec: EnvSpec, progress: Progress, timeout: float) -> None:
         """Build the env on the server, start a kernel there, connect, and load the runtime."""
-        kernel_name, self.node = self.server.build_env(spec, progress, self.machine_type)
+        kernel_name, self.node, self.blob_dir = self.server.build_env(spec, progress, self.machine_type)
         started = time.perf_counter()
         self.remote_id = self.server.start_kernel(kernel_name)
         try:
@@ -363,21 +397,38 @@ class RemoteKernel(Kernel):
 
     def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
                          nested: NestedHandler | None = None, **fields: Any) -> Reply:
-        """Frames over ``CHUNK`` go ahead in parts. Nested isolated calls are not brokered for a
-        remote kernel (the runtime refuses them with a clear error)."""
+        """Large frames travel beside the websocket as blobs when the kernel runs on the server's
+        machine (results too), else frames over ``CHUNK`` go ahead in parts. Nested isolated calls
+        are not brokered for a remote kernel (the runtime refuses them with a clear error)."""
         frames = list(frames)
         parts = []
+        blobs: dict[int, str] = {}
         for index, frame in enumerate(frames):
             view = memoryview(frame).cast("B")
+            if self.blob_dir is not None and index > 0 and view.nbytes >= runtime.BLOB_MIN:
+                try:
+                    blobs[index] = self.server.upload(view)
+                    frames[index] = b""
+                    continue
+                except FalMagicError as exc:  # e.g. the server's shared memory is full: the websocket then
+                    log.debug("a large frame goes through the websocket: %s", exc)
             if view.nbytes > CHUNK:
                 for offset in range(0, view.nbytes, CHUNK):
                     part = {"op": "part", "index": index, "offset": offset, "size": view.nbytes}
                     self._send("shell", self._comm_msg(part), [view[offset:offset + CHUNK]])
                 frames[index] = b""
                 parts.append(index)
+        if self.blob_dir is not None:
+            fields.update(blobs=blobs, blob_dir=self.blob_dir)
         msg_id = self._send("shell", self._comm_msg({"op": op, "id": msg_counter(), "parts": parts, **fields}),
                             frames)
-        return serve(self, msg_id, sink, grace, "comm")
+        reply = serve(self, msg_id, sink, grace, "comm")
+        placed = reply.content.pop("blobs", None)
+        if placed:
+            reply.buffers = list(reply.buffers)
+            for index, (name, size) in placed.items():
+                reply.buffers[int(index)] = self.server.download(name, size)
+        return reply
 
     def _execute_request(self, code: str, silent: bool) -> dict[str, Any]:
         """An execute_request as ``KernelClient.execute`` makes it (a silent one stays out of history)."""

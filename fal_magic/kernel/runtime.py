@@ -160,6 +160,32 @@ def unmapped(mappings: dict) -> "list[str]":
     return closed
 
 
+#: From this size on, a remote call's frames travel beside the websocket, as blobs on the server.
+BLOB_MIN = 1 << 20
+
+
+def blob_put(directory: str, buffer: Any) -> "list | None":
+    """Write a result buffer as a new blob file in the server's ``directory``: ``[name, size]``, or
+    None if it cannot be written (it then goes back through the websocket)."""
+    view = memoryview(buffer).cast("B")
+    name = f"r-{os.urandom(6).hex()}-{os.getpid()}"
+    path = os.path.join(directory, name)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            while view:
+                view = view[os.write(fd, view[:64 << 20]):]
+        finally:
+            os.close(fd)
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    return [name, memoryview(buffer).nbytes]
+
+
 def shm_map(directory: str, name: str, size: int) -> Any:
     """Map the first ``size`` bytes of a segment of the other side's arena (shared, writable: arrays
     built on it can change in place)."""
@@ -585,8 +611,55 @@ class Runtime:
             return
         for index in data.get("parts", ()):
             buffers[index] = self._parts.pop(index)
+        uploaded = {}
+        for index, path in data.get("blobs", {}).items():  # uploaded to the server beside the websocket
+            directory, name = os.path.split(path)
+            uploaded[name] = shm_map(directory, name, os.stat(path).st_size)
+            buffers[int(index)] = memoryview(uploaded[name])
         reply, frames = self.run(data, buffers)
+        del buffers
+        if data.get("blob_dir"):  # large results wait on the server for the host to fetch them
+            reply["blobs"] = self._results_to_blobs(data["blob_dir"], frames, uploaded)
         comm.send(reply, buffers=frames)
+
+    @staticmethod
+    def _results_to_blobs(directory: str, frames: list, uploaded: dict) -> dict:
+        """Move a remote call's large result frames into blobs on the server (the frames are emptied)
+        and remove the uploaded ones. A frame that is a whole uploaded blob (an argument returned)
+        goes back as that blob if nothing here holds it any more, instead of being written again."""
+        placed: dict[int, list] = {}
+        whole: dict[int, str] = {}
+        for index in range(1, len(frames)):
+            size = memoryview(frames[index]).nbytes
+            if size < BLOB_MIN:
+                continue
+            found = shm_locate(frames[index], uploaded)
+            if found is not None and found[1] == 0 and size == len(uploaded[found[0]]):
+                whole[index] = found[0]
+                frames[index] = b""
+                continue
+            written = blob_put(directory, frames[index])
+            if written is not None:
+                placed[index] = written
+                frames[index] = b""
+        closed = unmapped(uploaded)
+        for index, name in whole.items():
+            if name in closed:
+                placed[index] = [name, os.stat(os.path.join(directory, name)).st_size]
+                continue
+            written = blob_put(directory, uploaded[name])  # still used here: the host gets a copy
+            if written is not None:
+                placed[index] = written
+            else:
+                frames[index] = bytes(uploaded[name])
+        kept = {name for name, _ in placed.values()}
+        for name in set(closed) | set(uploaded):
+            if name not in kept:
+                try:
+                    os.unlink(os.path.join(directory, name))  # mapped or not: its memory lives while used
+                except OSError:
+                    pass
+        return placed
 
     def run(self, data: dict, buffers: list) -> tuple[dict, list]:
         """Run one request; return the reply and the pickled value or the exception described."""

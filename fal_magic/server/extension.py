@@ -5,6 +5,7 @@ Configured like any server option, e.g. ``--FalMagicServer.orphan_timeout=120``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from ..envs.spec import host_python, mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
 from ..kernel.runtime import HEAD_ENV, ORPHAN_ENV, REMOTE_ENV
+from . import blobs
 from .cluster import HostGroups, HostUnreachable, cluster_spec, slug, ssh_client
 from .launcher import assemble_launcher
 
@@ -211,7 +213,8 @@ MAX_REQUIREMENT_LENGTH = 2000
 
 class EnvsHandler(APIHandler):
     """``POST /fal_magic/api/envs`` with ``{"requirements", "python", "cloudpickle"}``: JSON lines of
-    ``{"progress"}``, then ``{"kernel_name", "key"}`` or ``{"error", "type"}``."""
+    ``{"progress"}``, then ``{"kernel_name", "key", "host"}`` (and ``"blobs"``, the blob directory,
+    when the kernel will run on this machine) or ``{"error", "type"}``."""
 
     auth_resource = "kernels"  # building an env is as powerful as starting a kernel
 
@@ -282,7 +285,10 @@ class EnvsHandler(APIHandler):
         except FalMagicError as exc:
             self.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
         else:
-            self.write(json.dumps({"kernel_name": name, "key": spec.key, "host": host}) + "\n")
+            answer: dict[str, Any] = {"kernel_name": name, "key": spec.key, "host": host}
+            if host is None and "kernel_provisioner" not in self.ext.kernelspec_metadata:
+                answer["blobs"] = str(self.settings["fal_magic_blobs"].dir)  # its kernels run on this machine
+            self.write(json.dumps(answer) + "\n")
         await self.finish()
 
 
@@ -320,6 +326,7 @@ def load(serverapp: Any) -> None:
         web_app.settings["kernel_websocket_connection_class"] = _without_nagle(connection_class)
     route = url_path_join(web_app.settings["base_url"], "fal_magic", "api", "envs")
     web_app.add_handlers(".*$", [(route, EnvsHandler)])
+    atexit.register(blobs.add_handlers(web_app).close)
     culler = PeriodicCallback(lambda: asyncio.ensure_future(ext.cull_orphans(serverapp.kernel_manager)),
                               1000 * min(5.0, ext.orphan_timeout / 2))
     culler.start()

@@ -146,19 +146,16 @@ class BlobHandler(_BlobHandler):
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
             raise web.HTTPError(404, f"no blob {name}") from None
-        try:
-            size = os.fstat(f.fileno()).st_size
+        path.unlink(missing_ok=True)  # fetched once: gone before the client has it all (the open file stays)
+        with f:
             self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Length", str(size))
+            self.set_header("Content-Length", str(os.fstat(f.fileno()).st_size))
             while True:
                 chunk = f.read(SEND_CHUNK)
                 if not chunk:
                     break
                 self.write(chunk)
                 await self.flush()
-        finally:
-            f.close()
-            path.unlink(missing_ok=True)
 
     def delete(self, name: str) -> None:
         self.store.path(name).unlink(missing_ok=True)

@@ -28,11 +28,12 @@ from . import forkserver
 
 log = logging.getLogger("fal_magic")
 
-#: Variables that shape how Python starts (read once, at interpreter start-up): kernels that differ in
-#: them cannot share a template. The template runs with these and the few below, nothing else.
-_STARTUP_PREFIXES = ("PYTHON", "LC_")
-_STARTUP_NAMES = ("LANG", "TZ")
-_TEMPLATE_NAMES = ("PATH", "VIRTUAL_ENV", "HOME", "TMPDIR", "USER", "PYDEVD_DISABLE_FILE_VALIDATION")
+#: Variables read once, when a process starts (by the dynamic loader, the C library's allocator, Python,
+#: the locale and time zone) or when the template imports (debugpy's): kernels that differ in them
+#: cannot share a template. The template runs with these and the few below, nothing else.
+_STARTUP_PREFIXES = ("PYTHON", "LC_", "LD_", "DYLD_", "MALLOC_", "PYDEVD_", "DEBUGPY_")
+_STARTUP_NAMES = ("LANG", "TZ", "GLIBC_TUNABLES")
+_TEMPLATE_NAMES = ("PATH", "VIRTUAL_ENV", "HOME", "TMPDIR", "USER")
 
 #: Seconds a template may take to import what kernels need.
 READY_TIMEOUT = 60.0

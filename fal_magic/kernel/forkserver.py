@@ -15,6 +15,7 @@ kernel it forked, when the host closes the socket or is gone (its parent changed
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -177,6 +178,10 @@ def main() -> None:
     # (a package added or removed: the modules held here would no longer be the environment's)
     sources = sorted({os.path.dirname(os.path.dirname(sys.modules[name.partition(".")[0]].__file__ or ""))
                       for name in PRELOAD if getattr(sys.modules.get(name.partition(".")[0]), "__file__", None)})
+    # what was imported stays shared with the kernels: the collector of a kernel never visits it (a
+    # collection would otherwise write to, and so copy, nearly every page of it in each kernel)
+    gc.collect()
+    gc.freeze()
     template.send(op="ready", pid=os.getpid(), threads=_threads(), sources=sources)
     request = template.serve()
     if request is None:

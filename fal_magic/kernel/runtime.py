@@ -187,8 +187,8 @@ def blob_put(directory: str, buffer: Any) -> "list | None":
 
 
 def shm_map(directory: str, name: str, size: int) -> Any:
-    """Map the first ``size`` bytes of a segment of the other side's arena (shared, writable: arrays
-    built on it can change in place)."""
+    """Map the first ``size`` bytes of a file the other side wrote (a segment of its arena, or an
+    uploaded blob): shared and writable, so arrays built on it can change in place."""
     import mmap
 
     fd = os.open(os.path.join(directory, name), os.O_RDWR)

@@ -28,7 +28,8 @@ from ..errors import KernelDiedError, KernelStartError
 from ..outputs import OutputSink
 from . import runtime
 from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
-from .protocol import BOOTSTRAP, LIVENESS_PERIOD, check_hello, comm_open, is_hello, kernel_argv, kernel_env, msg_counter
+from .protocol import (LIVENESS_PERIOD, bootstrap_from, check_hello, comm_open, is_hello, kernel_argv, kernel_env,
+                       msg_counter, write_runtime)
 from .request import serve
 
 _context: zmq.Context | None = None
@@ -208,7 +209,7 @@ class LocalKernel(Kernel):
         Sent at once, not after ``wait_for_ready``: zmq holds the request until the kernel has bound its
         sockets, and ``wait_for_ready`` spent ~0.25 s of a kernel start in its fixed pauses."""
         kc = self.kc
-        msg_id = kc.execute(BOOTSTRAP, silent=True, store_history=False)
+        msg_id = kc.execute(bootstrap_from(write_runtime(self.runtime_dir)), silent=True, store_history=False)
         reply = self._shell_reply(msg_id, timeout)
         self._await_iopub(timeout)
         if reply["content"]["status"] != "ok":

@@ -18,12 +18,33 @@ from .contract import Hello, Message
 
 _RUNTIME_SOURCE = Path(runtime.__file__).read_text()
 
-#: Cell code that loads the runtime into a fresh kernel (the env needs no fal_magic install).
-BOOTSTRAP = (
+_LOADER = (
     "(lambda m: (__import__('sys').modules.__setitem__(m.__name__, m), "
-    "exec(compile({src!r}, {path!r}, 'exec'), m.__dict__), m.install(get_ipython())))"
+    "exec(compile({src}, {path!r}, 'exec'), m.__dict__), m.install(get_ipython())))"
     "(__import__('types').ModuleType({name!r}))"
-).format(src=_RUNTIME_SOURCE, path=runtime.__file__, name=runtime.MODULE_NAME)
+)
+
+#: Cell code that loads the runtime into a fresh kernel (the env needs no fal_magic install).
+BOOTSTRAP = _LOADER.format(src=repr(_RUNTIME_SOURCE), path=runtime.__file__, name=runtime.MODULE_NAME)
+
+
+def bootstrap_from(copy: Path) -> str:
+    """The bootstrap for a kernel on this machine: it reads the runtime from ``copy`` (written by
+    ``write_runtime``), so the cell stays small (ipykernel hashes every cell's source in pure
+    Python to name it: ~20 ms for the runtime's)."""
+    return _LOADER.format(src=f"open({str(copy)!r}).read()", path=runtime.__file__, name=runtime.MODULE_NAME)
+
+
+def write_runtime(directory: Path) -> Path:
+    """This process's runtime source (the one it runs, even if the installed file changed since) as a
+    file in its owner-only ``directory``, for ``bootstrap_from``."""
+    copy = directory / "fal_magic_runtime.py"
+    if not copy.exists():
+        tmp = directory / f".fal_magic_runtime.{os.getpid()}.tmp"
+        tmp.write_text(_RUNTIME_SOURCE)
+        os.replace(tmp, copy)
+    return copy
+
 
 #: Output message types forwarded to the caller as display outputs.
 DISPLAY_TYPES = ("display_data", "update_display_data", "execute_result")

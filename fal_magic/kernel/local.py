@@ -405,17 +405,28 @@ class LocalKernel(Kernel):
             if placed:
                 assert arena is not None
                 reply.buffers = list(reply.buffers)
-                for index, (kind, name, offset, size) in placed.items():
-                    mm = runtime.shm_map(arena.directory, name, offset + size)
-                    # "new": a segment of the kernel's arena; "ref": one of ours, the argument itself
-                    (self._results if kind == "new" else self._returned)[name] = mm
-                    reply.buffers[int(index)] = memoryview(mm)[offset:offset + size]
+                self._map_results(arena.directory, placed, reply.buffers)
             done = True
             return reply
         finally:
             if not done and arena is not None:  # the kernel may still map them: never written again
                 for name, _ in sent.values():
                     arena.forget(name)
+
+    def _map_results(self, directory: str, placed: dict[str, list[Any]], buffers: list[Any]) -> None:
+        """Build the result's buffers on the segments the reply names: one mapping per segment, however
+        many buffers lie in it (two views of one argument), so that the segment is handed back only
+        once no object built on any of them is left. Kept: "new" segments (the kernel's arena),
+        "ref" ones (ours, an argument come back)."""
+        needed: dict[str, int] = {}
+        for kind, name, offset, size in placed.values():
+            needed[name] = max(needed.get(name, 0), offset + size)
+        maps: dict[str, Any] = {}
+        for index, (kind, name, offset, size) in placed.items():
+            if name not in maps:
+                table = self._results if kind == "new" else self._returned
+                maps[name] = table[name] = runtime.shm_map(directory, name, needed[name])
+            buffers[int(index)] = memoryview(maps[name])[offset:offset + size]
 
     def _arena(self) -> runtime.Arena | None:
         """This kernel's shared-memory segments on the host's side (None: no shared memory here)."""

@@ -426,8 +426,11 @@ class RemoteKernel(Kernel):
         placed = reply.content.pop("blobs", None)
         if placed:
             reply.buffers = list(reply.buffers)
+            fetched: dict[str, memoryview] = {}  # two views of one buffer come as one blob, fetched once
             for index, (name, size) in placed.items():
-                reply.buffers[int(index)] = self.server.download(name, size)
+                if name not in fetched:
+                    fetched[name] = self.server.download(name, size)
+                reply.buffers[int(index)] = fetched[name]
         return reply
 
     def _execute_request(self, code: str, silent: bool) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .kernel import get_pool
 from .kernel.remote import check_url
 from .kernel.runtime import isolated_proxy, map_chunk
 from .kernel.contract import Frames
+from .kernel.request import Stop, stopping
 from .kernel.wire import dump_call, load_result, rebuild_exception
 from .outputs import CallerOutput
 from .progress import StatusLine
@@ -75,6 +76,39 @@ def _background() -> concurrent.futures.ThreadPoolExecutor:
         if _executor is None:
             _executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fal_magic")
         return _executor
+
+
+class CallFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The Future of an isolated call started in the background. ``cancel()`` also stops a call that
+    has begun: its kernel is interrupted (as by Ctrl-C) and stays warm for the next call. So the
+    future counts as pending, never running, until it is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop = Stop()
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False  # done already
+        self.stop.set()
+        return True
+
+
+def _run_into(future: CallFuture, run: Callable[..., Any], *args: Any) -> None:
+    """Serve ``future`` in a worker thread: ``run(*args)`` unless it was cancelled before it began."""
+    if future.cancelled():
+        return
+    try:
+        with stopping(future.stop):
+            value = run(*args)
+    except BaseException as exc:  # the call's own error, or the interrupt its cancel() asked for
+        if not future.cancelled():
+            future.set_exception(exc)
+    else:
+        try:
+            future.set_result(value)
+        except concurrent.futures.InvalidStateError:  # cancelled as it finished: nobody wants the value
+            pass
 
 
 def check_env(env: Any) -> dict[str, str] | None:
@@ -197,7 +231,15 @@ class IsolatedFunction:
         The call is pickled now, so its arguments are taken as they are at this moment.
         """
         frames = dump_call(self.func, args, kwargs)
-        return _background().submit(self._run, frames, CallerOutput(), self._status())  # made here: they know the cell
+        return self._start(frames)[0]
+
+    def _start(self, frames: Frames) -> tuple[CallFuture, concurrent.futures.Future[None]]:
+        """Run a call in a worker thread: its future, and the worker's (done once the kernel is free
+        again, also after a cancel). The output sink and status line are made here, in the caller's
+        context: a worker writes into the cell that started it."""
+        future = CallFuture()
+        worker = _background().submit(_run_into, future, self._run, frames, CallerOutput(), self._status())
+        return future, worker
 
     def map(self, *iterables: Iterable[Any], chunksize: int | None = None,
             timeout: float | None = None) -> Iterator[Any]:
@@ -211,21 +253,23 @@ class IsolatedFunction:
             chunksize = max(1, -(-len(items) // (4 * self.max_kernels)))
         if not isinstance(chunksize, int) or chunksize < 1:
             raise FalMagicError(f"chunksize must be an integer >= 1, not {chunksize!r}")
-        futures = []
-        for start in range(0, len(items), chunksize):
-            frames = dump_call(self.func, [items[start:start + chunksize]], {}, via=map_chunk)
-            futures.append(_background().submit(self._run, frames, CallerOutput(), self._status()))
+        started = [self._start(dump_call(self.func, [items[start:start + chunksize]], {}, via=map_chunk))
+                   for start in range(0, len(items), chunksize)]
+        grace = settings().interrupt_grace
 
         def results() -> Iterator[Any]:
             try:
-                for fut in futures:
+                for fut, _ in started:
                     for ok, value in fut.result(timeout=timeout):
                         if not ok:
                             raise rebuild_exception(value, self.spec.requirements, self.func)
                         yield value
-            finally:
-                for fut in futures:
+            finally:  # Ctrl-C, a failed item, or results no longer wanted: stop the chunks still running
+                for fut, _ in started:
                     fut.cancel()
+                # and wait for their kernels to be free again (a kernel that ignores the interrupt
+                # is given up after the grace period), so the next call finds them idle
+                concurrent.futures.wait([worker for _, worker in started], timeout=grace + 5)
 
         return results()
 

@@ -105,6 +105,14 @@ def test_a_kernel_that_died_while_idle_is_replaced():
     assert kernel_pid() != first
 
 
+def test_a_call_right_after_its_idle_kernel_was_killed_runs_on_a_fresh_one():
+    for _ in range(30):  # the kill lands before, while and after the request goes out
+        first = kernel_pid()
+        os.kill(first, signal.SIGKILL)
+        second = kernel_pid()  # at once: the request reached no running code, so it is not lost
+        assert second != first
+
+
 # -- interrupts -----------------------------------------------------------------------------------
 
 
@@ -130,6 +138,43 @@ def test_a_call_that_ignores_ctrl_c_is_stopped_after_the_grace_period():
     assert time.monotonic() - started < 30
     assert wait_until(lambda: not pid_alive(victim), timeout=10)
     assert kernel_pid() != victim
+
+
+@isolated(keep_alive=60, max_kernels=3)
+def nap(seconds, marker_dir):
+    """Sleep; an interrupt leaves a file named after the kernel's pid in ``marker_dir``."""
+    import os
+    import time
+
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        open(os.path.join(marker_dir, str(os.getpid())), "w").close()
+        raise
+    return os.getpid()
+
+
+def test_ctrl_c_stops_every_item_of_a_map_and_the_same_kernels_serve_the_next(tmp_path):
+    nap.warmup().result(timeout=120)
+    warm = {k.pid for k in get_pool().snapshot()}
+    assert len(warm) == 3
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        list(nap.map([60] * 3, [str(tmp_path)] * 3))
+    assert sorted(int(name) for name in os.listdir(tmp_path)) == sorted(warm)  # each item saw the interrupt
+    started = time.monotonic()
+    again = list(nap.map([0] * 3, [str(tmp_path)] * 3))
+    assert time.monotonic() - started < 30  # not behind the interrupted items (each would nap 60 s)
+    assert set(again) <= warm and {k.pid for k in get_pool().snapshot()} == warm  # warm, none replaced
+
+
+def test_cancelling_a_started_submit_interrupts_its_call_and_the_kernel_stays(tmp_path):
+    pid = nap(0, str(tmp_path))
+    future = nap.submit(60, str(tmp_path))
+    assert not wait_until(future.done, timeout=1.0)  # it has begun, and runs
+    assert future.cancel() and future.cancelled()
+    assert wait_until(lambda: os.listdir(tmp_path) == [str(pid)], timeout=20)  # the call saw the interrupt
+    assert nap(0, str(tmp_path)) == pid
 
 
 # -- bad requirements and broken builds ------------------------------------------------------------

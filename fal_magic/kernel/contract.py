@@ -188,8 +188,9 @@ class Kernel(abc.ABC):
     @abc.abstractmethod
     def next_event(self, timeout: float, sink: OutputSink,
                    nested: NestedHandler | None) -> tuple[str, Any] | None:
-        """The next message for a running request, as ``(channel, Message)``, or ``("reply", Reply)``
-        for a reply that came outside the Jupyter channels; None when nothing came within ``timeout``
+        """The next message for a running request, as ``(channel, Message)``, or, outside the Jupyter
+        channels, ``("begun", None)`` once the kernel has begun it and ``("reply", Reply)`` for its
+        reply; None when nothing came within ``timeout``
         (or the line to the kernel broke: ``raise_if_dead`` then says so). Serves nested calls."""
 
     @abc.abstractmethod

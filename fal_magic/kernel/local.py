@@ -480,6 +480,8 @@ class LocalKernel(Kernel):
             self._serve_nested(sink, nested)
         if self.fast is not None and self.fast in ready:
             head, *buffers = self.fast.recv_multipart(copy=False)
+            if head.bytes == runtime.BEGUN:
+                return "begun", None
             return "reply", Reply(json.loads(head.bytes), buffers)
         for channel, sock in (("iopub", iopub), ("shell", shell)):
             if sock in ready:

@@ -8,7 +8,10 @@ kernel is given up.
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from ..errors import KernelDiedError
@@ -19,6 +22,35 @@ from .protocol import LIVENESS_PERIOD, forward_output, is_runtime_reply
 #: Where the end of a request comes from: the runtime's comm reply on iopub, an execute_reply on the
 #: shell channel, or a reply outside the Jupyter channels (the local fast channel).
 ReplyRoute = Literal["comm", "shell", "outside"]
+
+
+class Stop:
+    """Asks a request served in another thread to stop, as Ctrl-C would in its own: the kernel is
+    interrupted once it has begun the request (and given up after the grace period, as for Ctrl-C).
+    A ``.map`` or a ``submit`` future holds one per call; ``stopping`` hands it to the serving thread."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+_current = threading.local()
+
+
+@contextmanager
+def stopping(stop: Stop) -> Iterator[None]:
+    """Requests this thread serves meanwhile (nested calls included) end early once ``stop`` is set."""
+    outer = getattr(_current, "stop", None)
+    _current.stop = stop
+    try:
+        yield
+    finally:
+        _current.stop = outer
 
 
 class RequestTracker:
@@ -32,14 +64,16 @@ class RequestTracker:
         self.msg_id = msg_id
         self.route = route
         self.sink = sink
-        # a reply from outside may be acted on as soon as it is sent, so such a request counts as begun
-        self.begun = route == "outside"
+        self.begun = False  # outside the channels, the runtime says so; else the first message for it
         self.idle = False
         self.reply: Reply | None = None
 
     def feed(self, channel: str, message: Any) -> bool:
         """Take one event of the transport; True once the request is done."""
-        if channel == "reply":
+        if channel == "begun":
+            self.begun = True
+        elif channel == "reply":
+            self.begun = True
             self.reply = message
         elif message["parent_header"].get("msg_id") == self.msg_id:
             self.begun = True
@@ -71,6 +105,7 @@ def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: Re
     """
     tracker = RequestTracker(msg_id, route, sink)
     interrupted_at: float | None = None
+    stop: Stop | None = getattr(_current, "stop", None)
     last_check = time.monotonic()
     try:
         while True:
@@ -83,6 +118,8 @@ def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: Re
                     _check_grace(kernel, interrupted_at, grace)
                 if event is not None and tracker.feed(*event):
                     return tracker.result()
+                if stop is not None and stop.is_set() and interrupted_at is None and tracker.begun:
+                    interrupted_at = _ctrl_c(kernel, None)  # (before it began, the kernel would ignore it)
             except KeyboardInterrupt:
                 interrupted_at = _ctrl_c(kernel, interrupted_at)
     finally:

@@ -464,6 +464,8 @@ def drain_captured_output() -> None:
 
 
 FAST_ENV = "FAL_MAGIC_FAST"
+#: The fast channel's word that a call has begun (every other message there is a JSON reply).
+BEGUN = b"begun"
 
 #: Set in kernels that a fal_magic server extension starts for a remote host.
 REMOTE_ENV = "FAL_MAGIC_REMOTE"
@@ -661,12 +663,15 @@ class Runtime:
                     pass
         return placed
 
-    def run(self, data: dict, buffers: list) -> tuple[dict, list]:
-        """Run one request; return the reply and the pickled value or the exception described."""
+    def run(self, data: dict, buffers: list, begin: Callable[[], None] | None = None) -> tuple[dict, list]:
+        """Run one request; return the reply and the pickled value or the exception described.
+        ``begin`` is called first, where an interrupt already counts as the request's own."""
         reply: dict = {"op": "result", "id": data.get("id")}
         frames: list = []
         try:
             try:
+                if begin is not None:
+                    begin()
                 operation = getattr(self, "op_" + str(data.get("op")), None)
                 if operation is None:
                     raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
@@ -722,10 +727,12 @@ class Runtime:
         for index, (name, size) in header.get("shm", {}).items():
             segments[name] = shm_map(self.shm_dir, name, size)
             frames[int(index)] = memoryview(segments[name])
-        # ipykernel ignores SIGINT between requests; during a call it must raise KeyboardInterrupt
+        # ipykernel ignores SIGINT between requests; during a call it must raise KeyboardInterrupt. The
+        # host hears that the call has begun once an interrupt would reach it: a kernel that dies before
+        # that point did not run the call, which may then run elsewhere.
         saved = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            reply, out = self.run({"op": "call", "id": header["id"]}, frames)
+            reply, out = self.run({"op": "call", "id": header["id"]}, frames, lambda: sock.send(BEGUN))
         finally:
             signal.signal(signal.SIGINT, saved)
         del frames

@@ -278,6 +278,21 @@ def test_bad_request_bodies_are_refused_with_400(remote):
         assert info.value.code == 400, (body, info.value.code)
 
 
+def test_the_server_refuses_paths_on_its_own_machine_however_they_are_written(remote):
+    import urllib.error
+    import urllib.request
+
+    from fal_magic.envs.spec import host_python
+
+    for requirement in ("x@file:///etc/passwd", "x @ file:///etc/passwd", "file:///etc/passwd", "/etc/passwd"):
+        body = {"requirements": [requirement], "python": host_python(), "cloudpickle": "3"}
+        req = urllib.request.Request(remote + "/fal_magic/api/envs", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=30)
+        assert info.value.code == 400 and b"local package paths" in info.value.read(), requirement
+
+
 def test_eight_hosts_asking_for_one_environment_at_once_all_get_it(remote):
     from concurrent.futures import ThreadPoolExecutor
 

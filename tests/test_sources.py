@@ -201,6 +201,15 @@ def test_a_local_package_is_installed_from_its_sources_and_an_edit_makes_a_new_e
     fal_magic.shutdown()
 
 
+def test_a_file_reference_written_without_spaces_is_a_local_package_whose_edits_are_seen(tmp_path):
+    root = write_package(tmp_path / "mylib", 1)
+    value = isolated(requirements=[f"mylib@{root.as_uri()}"], keep_alive=30)(mylib_value)  # PEP 508 allows it
+    assert value() == 1
+    (root / "mylib" / "__init__.py").write_text("VALUE = 20\n")
+    assert value() == 20  # the edit reached the environment: its sources are part of the key
+    fal_magic.shutdown()
+
+
 def test_an_editable_package_keeps_its_key_and_new_kernels_see_edits(tmp_path):
     root = write_package(tmp_path / "editable", 1)
     value = isolated(requirements=[f"-e {root}"], keep_alive=30)(mylib_value)

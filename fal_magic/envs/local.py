@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from ..errors import EnvironmentBuildError
 
 #: Directories and files that are not a package's sources: version control, caches, build outputs.
@@ -34,16 +36,42 @@ class LocalPackage:
     digest: str
 
 
-def looks_local(text: str) -> bool:
-    """Whether a requirement string names a path rather than a package on an index (or at a URL)."""
+_EDITABLE_PREFIXES = ("--editable=", "--editable ", "-e ")
+_ARCHIVES = (".whl", ".tar.gz", ".zip")
+
+
+def _split_editable(text: str) -> tuple[bool, str]:
     text = text.strip()
-    if text.startswith(("-e ", "--editable ", "--editable=")):
+    for prefix in _EDITABLE_PREFIXES:
+        if text.startswith(prefix):
+            return True, text[len(prefix):].strip()
+    return False, text
+
+
+def _direct_reference(text: str) -> Requirement | None:
+    """``text`` parsed as a PEP 508 requirement, or None when it is not one (a path, a bare URL)."""
+    try:
+        return Requirement(text)
+    except InvalidRequirement:
+        return None
+
+
+def looks_local(text: str) -> bool:
+    """Whether a requirement string names a path rather than a package on an index (or at a URL).
+
+    Parsed as PEP 508 (``name@file:///src`` and ``name @ file:///src`` alike), not matched as text: a
+    ``file:`` reference is a path on the machine that reads it, whatever its spacing."""
+    editable, text = _split_editable(text)
+    if editable:
         return True
-    if " @ " in text:
-        return text.split(" @ ", 1)[1].strip().startswith("file:")
+    req = _direct_reference(text)
+    if req is not None:
+        if req.url is not None:
+            return urlparse(req.url).scheme == "file"
+        return text.endswith(_ARCHIVES)  # "mylib.whl" is a valid name, and a file to pip
     if "://" in text:
-        return text.startswith("file:")
-    return text.startswith((".", "/", "~")) or text.endswith((".whl", ".tar.gz", ".zip"))
+        return urlparse(text).scheme == "file"
+    return text.startswith((".", "/", "~")) or text.endswith(_ARCHIVES) or text.startswith("file:")
 
 
 def _ignored(name: str, top: bool = False) -> bool:
@@ -98,14 +126,12 @@ def _read_digest(path: Path) -> str:
 def resolve(text: str, base: Path | None = None) -> tuple[str, LocalPackage]:
     """(canonical requirement string, package) for a local requirement; paths relative to ``base``
     (the requirements file's directory, else the working directory)."""
-    text = text.strip()
-    editable = False
-    for prefix in ("--editable=", "--editable ", "-e "):
-        if text.startswith(prefix):
-            editable, text = True, text[len(prefix):].strip()
+    editable, text = _split_editable(text)
     name = ""
-    if " @ " in text:
-        name, text = (part.strip() for part in text.split(" @ ", 1))
+    req = _direct_reference(text)
+    if req is not None and req.url is not None:
+        name = req.name + (f"[{','.join(sorted(req.extras))}]" if req.extras else "")
+        text = req.url
     if text.startswith("file:"):
         text = unquote(urlparse(text).path)
     path = Path(text).expanduser()

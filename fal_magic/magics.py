@@ -55,9 +55,11 @@ def _variables(items: list[str]) -> dict[str, str]:
     """``["TOKEN", "MODE=fast"]`` -> variables for the kernel; ``TOKEN`` alone is the notebook's value."""
     variables = {}
     for item in items:
-        name, has_value, value = item.partition("=")
-        if not name or "\0" in item:
-            raise UsageError(f"--env takes NAME or NAME=VALUE, not {name or item!r}")
+        name, has_value, value = item.partition("=")  # (no message below may show a value: it may be a secret)
+        if not name:
+            raise UsageError("--env takes NAME or NAME=VALUE: a variable needs a name before '='")
+        if "\0" in item:
+            raise UsageError(f"--env {name!r}: a variable's name and value cannot hold a NUL character")
         if not has_value:
             if name not in os.environ:
                 raise UsageError(f"--env {name}: the notebook has no variable {name} to pass on")

@@ -204,3 +204,6 @@ def test_env_passes_named_variables_to_the_cell_kernel(ip, monkeypatch):
     assert out.stdout.startswith("nb-value direct")
     result, _ = run(ip, "%%isolated --env FAL_TEST_NOT_SET_ANYWHERE\n1")
     assert "the notebook has no variable FAL_TEST_NOT_SET_ANYWHERE" in str(result.error_in_exec)
+    result, out = run(ip, "%%isolated --env =sk-live-secret-4242\n1")  # a value without its name
+    assert "needs a name" in str(result.error_in_exec)
+    assert "sk-live-secret-4242" not in str(result.error_in_exec) + out.stdout + out.stderr

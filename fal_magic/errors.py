@@ -90,3 +90,28 @@ class RemoteError(FalMagicError):
     def _render_traceback_(self) -> list[str]:
         """IPython hook: show the remote traceback instead of fal_magic's local frames."""
         return (self.traceback_text or f"{self.type_name}: {self.remote_message}").rstrip().splitlines()
+
+
+class RemoteCellError(RemoteError):
+    """An error in an ``%%isolated`` cell. Made through ``remote_cell_error``, as a subclass named like
+    the remote type, so that what reads a notebook's error output (``ename``, ``evalue``: nbclient,
+    papermill) sees the user's type and message, as for a local cell."""
+
+    def __str__(self) -> str:
+        return self.remote_message
+
+    def __reduce__(self) -> tuple[Callable[[str, str, str], RemoteError], tuple[str, str, str]]:
+        return (remote_cell_error, (self.type_name, self.remote_message, self.traceback_text))
+
+
+_cell_error_types: dict[str, type[RemoteCellError]] = {}
+
+
+def remote_cell_error(type_name: str, message: str, traceback_text: str = "") -> RemoteError:
+    """The error of an isolated cell whose code raised ``type_name``: a RemoteError (a FalMagicError)
+    whose type is named like the remote one."""
+    name = type_name.rpartition(".")[2] if type_name.rpartition(".")[2].isidentifier() else "RemoteError"
+    cls = _cell_error_types.get(name)
+    if cls is None:
+        cls = _cell_error_types[name] = type(name, (RemoteCellError,), {"__module__": "fal_magic.remote"})
+    return cls(type_name, message, traceback_text)

@@ -16,7 +16,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from .config import FalMagic, settings
 from .envs import spec_for
 from .envs.spec import describe_requirements
-from .errors import EnvironmentBuildError, FalMagicError, RemoteError
+from .errors import EnvironmentBuildError, FalMagicError, remote_cell_error
 from .kernel import get_pool
 from .kernel.tracebacks import attach, renumber_cells
 from .kernel.wire import dump_values, load_result
@@ -152,7 +152,7 @@ class IsolatedMagics(Magics):
                 interrupted = KeyboardInterrupt("the isolated cell was interrupted")
                 attach(interrupted, lambda: lines)  # where the cell's code stopped, not fal_magic's frames
                 raise interrupted
-            raise RemoteError(reply.get("ename", "Error"), reply.get("evalue", ""), "\n".join(lines))
+            raise remote_cell_error(reply.get("ename", "Error"), reply.get("evalue", ""), "\n".join(lines))
         shell.user_ns.update(pulled)
         if sink.result is not None:
             return RemoteValue(sink.result.get("data", {}), sink.result.get("metadata", {}))

@@ -52,7 +52,7 @@ def test_cell_magic_notebook():
     assert result.data["text/plain"] == "{'count': 4, 'total': 186}"
     error_cell = code[8]
     [err] = [o for o in error_cell.outputs if o.output_type == "error"]
-    assert err.ename == "RemoteError"
+    assert (err.ename, err.evalue) == ("ValueError", "bad input 42")  # as a local cell's error reads
     text = _plain(err.traceback)
     assert "ValueError: bad input 42" in text and "RemoteError" not in text  # the user's type, not ours
     assert f"Cell In[{error_cell.execution_count}], line 3" in text  # named after the calling cell

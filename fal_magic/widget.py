@@ -31,11 +31,12 @@ def _culled_in(info: KernelInfo) -> str:
 
 def _row(info: KernelInfo, now: float) -> tuple[str, ...]:
     reqs = ", ".join(info.requirements) or "-"
-    if info.machine_type:
-        reqs += f" [{info.machine_type}, not enforced]"
+    if info.machine_type:  # a server with host groups enforces it; this machine cannot
+        reqs += f" [{info.machine_type}]" if info.host is not None else f" [{info.machine_type}, not enforced]"
     pid = str(info.pid or "-")
     if info.host is not None:
-        pid += f" on {urllib.parse.urlsplit(info.host).netloc}"
+        server = urllib.parse.urlsplit(info.host).netloc
+        pid += f" on {info.node} via {server}" if info.node else f" on {server}"
     return (info.key[:8], reqs, pid, info.state, str(info.calls),
             f"{max(0.0, now - info.last_used):.0f}s ago", _culled_in(info), _memory(info.rss_bytes))
 

@@ -10,7 +10,8 @@ from fal_magic.errors import EnvironmentBuildError, FalMagicError
 from .conftest import TOKEN
 
 
-def test_map_spreads_over_both_hosts_and_keeps_the_order(cluster):
+def test_map_spreads_over_both_hosts_and_keeps_the_order(cluster, cluster_server):
+    cluster_url, _ = cluster_server
     marker = str(cluster.marker_dir / "host")  # each host has its own file at this path
 
     @isolated(machine_type="S", max_kernels=4, keep_alive=60)
@@ -21,8 +22,12 @@ def test_map_spreads_over_both_hosts_and_keeps_the_order(cluster):
     results = list(square_where.map(range(8)))
     assert [r[0] for r in results] == [n * n for n in range(8)]
     assert {r[1] for r in results} == {"127.0.0.2", "127.0.0.3"}
-    hosts = sorted(k.host.split(" ")[0] for k in fal_magic.kernels())  # "127.0.0.2 via http://..."
-    assert hosts == ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
+    listed = fal_magic.kernels()
+    assert sorted(k.node for k in listed) == ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
+    server = cluster_url.split("//")[1]
+    text = str(listed)
+    assert text.count(f" on 127.0.0.2 via {server}") == 2 and text.count(f" on 127.0.0.3 via {server}") == 2
+    assert "[S]" in text and "not enforced" not in text  # the server's groups enforce the machine type
 
 
 def test_machine_type_pins_a_group_and_an_unknown_one_is_refused(cluster):

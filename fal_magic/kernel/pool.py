@@ -57,7 +57,9 @@ class KernelInfo:
     last_used: float
     deadline: float
     machine_type: str | None = None
+    #: The Jupyter Server the kernel runs on (None: this machine), and the cluster host it placed it on.
     host: str | None = None
+    node: str | None = None
 
     @property
     def seconds_left(self) -> float | None:
@@ -383,7 +385,7 @@ class KernelPool:
                            pid=k.pid, state=k.state,
                            calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline,
                            machine_type=k.machine_type,
-                           host=f"{k.node} via {k.host}" if k.node else k.host)
+                           host=k.host, node=k.node)
                 for ks in self._kernels.values() for k in ks
             ]
 

@@ -77,7 +77,7 @@ class RemoteError(FalMagicError):
         self.remote_message = message
         self.traceback_text = traceback_text
 
-    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+    def __reduce__(self) -> tuple[Callable[..., RemoteError], tuple[str, str, str]]:
         """Keep the three fields when the error itself is pickled."""
         return (type(self), (self.type_name, self.remote_message, self.traceback_text))
 
@@ -100,7 +100,7 @@ class RemoteCellError(RemoteError):
     def __str__(self) -> str:
         return self.remote_message
 
-    def __reduce__(self) -> tuple[Callable[[str, str, str], RemoteError], tuple[str, str, str]]:
+    def __reduce__(self) -> tuple[Callable[..., RemoteError], tuple[str, str, str]]:
         return (remote_cell_error, (self.type_name, self.remote_message, self.traceback_text))
 
 

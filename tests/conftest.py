@@ -163,12 +163,12 @@ def _fresh_pool():
         f"this test left kernels running: {describe_pids(leaked_kernels())}")
 
 
-def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None = None):
-    """Start a jupyter_server with the extension on 127.0.0.1 (its own cache and token); yield its URL
-    and process, and stop it after."""
+def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
+    """Start a jupyter_server with the extension on 127.0.0.1 (its own cache and token), through the
+    command ``prefix`` if any; yield its URL and process, and stop it after."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
+        [*prefix, sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
          f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
          "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}", *args],
         env={**os.environ, "FAL_MAGIC_HOME": str(home), **(env or {})},

@@ -136,12 +136,66 @@ def test_blobs_need_the_token_and_take_only_their_own_names(remote, server):
             return exc.code
 
     assert status("POST", "/fal_magic/api/blobs", token="", data=b"x" * 10) == 403
+    try:
+        urllib.request.urlopen(urllib.request.Request(remote + "/fal_magic/api/blobs", data=b"x", method="POST"))
+    except urllib.error.HTTPError as exc:
+        assert b"needs the server's token" in exc.read()  # not jupyter_server's "'_xsrf' argument missing"
     assert status("POST", "/fal_magic/api/blobs", token="wrong", data=b"x" * 10) == 403
     assert status("GET", "/fal_magic/api/blobs/r-00", token="") == 403
     assert status("GET", "/fal_magic/api/blobs/..%2F..%2Fetc%2Fpasswd") in (400, 404)
     assert status("GET", "/fal_magic/api/blobs/server.log") == 400
     assert status("GET", "/fal_magic/api/blobs/r-0123") == 404
     assert list(_blob_dir(server).iterdir()) == []  # refused uploads left nothing
+
+
+def test_blobs_past_the_quota_or_a_full_disk_are_refused_with_a_reason_and_calls_still_run(fal_home, tmp_path):
+    """A server whose blobs may hold 12 MiB, and whose files cannot grow past 9 MiB (as if its shared
+    memory were full): uploads past either are answered (413, 507) and leave nothing; a call whose
+    buffers do not fit still runs, its frames through the websocket."""
+    import urllib.error
+    import urllib.request
+
+    from .conftest import start_server
+
+    def post(url, size):
+        req = urllib.request.Request(url + "/fal_magic/api/blobs", data=b"x" * size, method="POST",
+                                     headers={"Authorization": f"token {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    server = start_server(fal_home / "server", tmp_path, f"--FalMagicServer.blob_quota={12 << 20}",
+                          prefix=("prlimit", f"--fsize={9 << 20}", "--"))
+    url, proc = next(server)
+    try:
+        code, answer = post(url, 13 << 20)
+        assert code == 413 and "larger than this server's blob quota of 12 MiB" in answer
+        code, kept = post(url, 8 << 20)
+        assert code == 200
+        code, answer = post(url, 6 << 20)
+        assert code == 507 and "no room" in answer  # 8 + 6 > 12
+        req = urllib.request.Request(url + f"/fal_magic/api/blobs/{kept['name']}", method="DELETE",
+                                     headers={"Authorization": f"token {TOKEN}"})
+        urllib.request.urlopen(req, timeout=10).close()
+        code, answer = post(url, 10 << 20)  # within the quota, past what the disk takes
+        assert code == 507 and "cannot store the blob" in answer
+        [blob_dir] = Path("/dev/shm").glob(f"fal_magic-blobs-{proc.pid}-*")
+        assert list(blob_dir.iterdir()) == []
+        assert "Uncaught exception" not in (tmp_path / "server.log").read_text()
+
+        import numpy as np
+
+        @isolated(keep_alive=0, requirements=["numpy"], host=url)
+        def total(a):
+            return float(a.sum())
+
+        fal_magic.configure(token=TOKEN)
+        assert total(np.ones(10 << 17)) == 10 << 17  # 10 MiB: refused as a blob, sent through the websocket
+    finally:
+        fal_magic.shutdown()
+        server.close()
 
 
 def test_nested_isolated_call_in_a_remote_kernel_is_a_clear_error(remote):

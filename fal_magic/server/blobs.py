@@ -44,12 +44,25 @@ STALE_AFTER = 3600.0
 
 
 class BlobStore:
-    """The owner-only directory of this server's blobs, removed when the server stops."""
+    """The owner-only directory of this server's blobs, removed when the server stops. Together they
+    may hold at most ``quota`` bytes (uploads past it are refused: the call's frames then go through
+    the websocket)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quota: int) -> None:
         root = SHM_ROOT if os.path.isdir(SHM_ROOT) and os.access(SHM_ROOT, os.W_OK) else tempfile.gettempdir()
         remove_orphaned(Path(root).glob(f"{PREFIX}*-*"), PREFIX)  # a killed server's
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
+        self.quota = quota
+
+    def used(self) -> int:
+        """Bytes the blobs hold now (uploads under way included)."""
+        total = 0
+        for path in self.dir.iterdir():
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
 
     def path(self, name: str) -> Path:
         if not NAME.match(name):
@@ -70,7 +83,22 @@ class BlobStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class _BlobHandler(APIHandler):
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MiB"
+
+
+class TokenNeeded:
+    """Says that a token is missing, where jupyter_server would answer a request without one with its
+    XSRF check (``'_xsrf' argument missing``), which tells a script nothing it can act on."""
+
+    def check_xsrf_cookie(self) -> None:
+        if getattr(self, "_jupyter_current_user", "") is None:  # authenticated by nothing
+            raise web.HTTPError(403, "fal_magic's API needs the server's token: send the header "
+                                     "'Authorization: token <token>'")
+        super().check_xsrf_cookie()  # type: ignore[misc]
+
+
+class _BlobHandler(TokenNeeded, APIHandler):
     auth_resource = "kernels"  # a blob is a kernel's input or output
 
     @property
@@ -94,27 +122,60 @@ class BlobUploadHandler(_BlobHandler):
     """``POST /fal_magic/api/blobs``: the body becomes a blob; the answer names it and its path."""
 
     _fd: int | None = None
+    _refused: web.HTTPError | None = None  # why the rest of the body is not kept (answered at its end)
+    _received = 0
 
     async def prepare(self) -> None:  # type: ignore[override]
         await self._check_access("write")
+        # a refusal is answered once the body has come: an answer while the client still sends would
+        # reach it as a reset connection, not as a reason
+        quota = self.store.quota
+        length = int(self.request.headers.get("Content-Length") or 0)
+        if length > quota:
+            self._refused = web.HTTPError(413, f"a blob of {_mib(length)} is larger than this server's blob quota "
+                                               f"of {_mib(quota)} (FalMagicServer.blob_quota)")
+            return
+        self.store.sweep()
+        used = self.store.used()
+        if used + length > quota:
+            self._refused = web.HTTPError(507, f"this server's blobs hold {_mib(used)} of its quota of {_mib(quota)} "
+                                               f"(FalMagicServer.blob_quota): no room for {_mib(length)} more")
+            return
         # read the body in large pieces: tornado's defaults (64 KiB) cost a callback per piece
         connection: Any = self.request.connection
         if hasattr(connection, "params") and hasattr(connection, "stream"):
             connection.params = copy.copy(connection.params)
             connection.params.chunk_size = RECEIVE_CHUNK
             connection.stream.read_chunk_size = RECEIVE_CHUNK
-        self.store.sweep()
         name = f"u-{os.urandom(8).hex()}"
         self._path = self.store.path(name)
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def data_received(self, chunk: bytes) -> None:
+        """Write a piece of the body; once one cannot be kept (the quota, a full disk), drop the file
+        and the rest of the body, and say why when it has all come (``post``)."""
+        if self._refused is not None:
+            return
         assert self._fd is not None
+        self._received += len(chunk)
+        if self._received > self.store.quota:
+            self._refuse(413, f"the blob is larger than this server's blob quota of {_mib(self.store.quota)} "
+                              "(FalMagicServer.blob_quota)")
+            return
         view = memoryview(chunk)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self._refuse(507, f"this server cannot store the blob: {exc.strerror or exc} in {self.store.dir.parent}")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._refused = web.HTTPError(status, message)
+        self._discard()
 
     def post(self) -> None:
+        if self._refused is not None:
+            raise self._refused
         assert self._fd is not None
         os.close(self._fd)
         self._fd = None
@@ -163,9 +224,9 @@ class BlobHandler(_BlobHandler):
         self.finish()
 
 
-def add_handlers(web_app: Any) -> BlobStore:
+def add_handlers(web_app: Any, quota: int) -> BlobStore:
     """Register the blob endpoints on the server's web application; the store they write to."""
-    store = BlobStore()
+    store = BlobStore(quota)
     web_app.settings["fal_magic_blobs"] = store
     base = url_path_join(web_app.settings["base_url"], "fal_magic", "api", "blobs")
     web_app.add_handlers(".*$", [(base, BlobUploadHandler), (base + r"/([^/]+)", BlobHandler)])

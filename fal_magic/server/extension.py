@@ -21,7 +21,7 @@ from jupyter_server.utils import url_path_join
 from packaging.version import InvalidVersion, Version
 from tornado import web
 from tornado.ioloop import PeriodicCallback
-from traitlets import Bool, Dict, Float, Unicode
+from traitlets import Bool, Dict, Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..config import FalMagic
@@ -80,6 +80,11 @@ class FalMagicServer(LoggingConfigurable):
     host_python = Unicode(
         sys.executable, config=True,
         help="The Python with fal_magic[cluster] on every host (the same path as here by default).",
+    )
+    blob_quota = Int(
+        2 << 30, min=0, config=True,
+        help="Bytes that the large buffers of calls waiting on this server (blobs, in shared memory) may "
+             "take together; a call whose buffers do not fit sends them through the websocket instead.",
     )
     head_address = Unicode(
         "", config=True,
@@ -211,7 +216,7 @@ MAX_REQUIREMENTS = 1000
 MAX_REQUIREMENT_LENGTH = 2000
 
 
-class EnvsHandler(APIHandler):
+class EnvsHandler(blobs.TokenNeeded, APIHandler):
     """``POST /fal_magic/api/envs`` with ``{"requirements", "python", "cloudpickle"}``: JSON lines of
     ``{"progress"}``, then ``{"kernel_name", "key", "host"}`` (and ``"blobs"``, the blob directory,
     when the kernel will run on this machine) or ``{"error", "type"}``."""
@@ -326,7 +331,7 @@ def load(serverapp: Any) -> None:
         web_app.settings["kernel_websocket_connection_class"] = _without_nagle(connection_class)
     route = url_path_join(web_app.settings["base_url"], "fal_magic", "api", "envs")
     web_app.add_handlers(".*$", [(route, EnvsHandler)])
-    atexit.register(blobs.add_handlers(web_app).close)
+    atexit.register(blobs.add_handlers(web_app, ext.blob_quota).close)
     culler = PeriodicCallback(lambda: asyncio.ensure_future(ext.cull_orphans(serverapp.kernel_manager)),
                               1000 * min(5.0, ext.orphan_timeout / 2))
     culler.start()

@@ -169,6 +169,10 @@ def test_a_requirements_file_with_comments_and_an_include_is_read_and_edits_chan
         isolated(requirements=reqs)
     with pytest.raises(EnvironmentBuildError, match="cannot read requirements file .*missing.txt"):
         isolated(requirements=str(tmp_path / "missing.txt"))
+    reqs.write_text("humanize==4.16.0\n-r gone.txt\n")
+    with pytest.raises(EnvironmentBuildError, match=r"requirements.txt, line 2: cannot read requirements file "
+                                                    r".*gone.txt"):  # where it was included from
+        isolated(requirements=reqs)
 
 
 def test_the_cell_magic_reads_a_requirements_file(tmp_path):

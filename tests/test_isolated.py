@@ -362,6 +362,21 @@ def test_module_not_found_hints_at_requirements():
     assert "humanize==4.16.0" in notes
 
 
+def test_an_argument_whose_module_the_environment_lacks_gets_the_hint_without_fal_magic_frames():
+    np = pytest.importorskip("numpy")
+
+    @isolated(keep_alive=30)
+    def length(a):
+        return len(a)
+
+    with pytest.raises(ModuleNotFoundError) as info:
+        length(np.arange(3))  # unpickling the argument needs numpy, which the environment does not have
+    notes = "\n".join(info.value.__notes__)
+    assert "'numpy' is not installed in the isolated environment" in notes
+    assert "fal_magic" not in notes and "runtime" not in notes  # the kernel's frames, none of them ours
+    assert "fal_magic" not in "\n".join(info.value._render_traceback_())
+
+
 # -- serialization ---------------------------------------------------------------------------
 
 

@@ -79,16 +79,19 @@ def _split_option(line: str) -> tuple[str, str]:
     return head, rest.strip()
 
 
-def read(path: Path, out: Parsed, seen: tuple[Path, ...] = (), constraints: bool = False) -> Parsed:
+def read(path: Path, out: Parsed, seen: tuple[Path, ...] = (), constraints: bool = False,
+         included_at: str = "") -> Parsed:
     """Add what the file at ``path`` (and the files it includes) says to ``out``; a file read as
-    constraints (``-c``) adds its requirement lines to the constraints."""
+    constraints (``-c``) adds its requirement lines to the constraints. ``included_at`` names the
+    file and line that included it, for an error."""
     path = path.resolve()
     if path in seen:
         raise EnvironmentBuildError(f"{path}: includes itself (through {' -> '.join(str(p) for p in seen)})")
     try:
         text = path.read_text()
     except OSError as exc:
-        raise EnvironmentBuildError(f"cannot read requirements file {path}: {exc.strerror or exc}") from None
+        raise EnvironmentBuildError((f"{included_at}: " if included_at else "")
+                                    + f"cannot read requirements file {path}: {exc.strerror or exc}") from None
     for number, line in _logical_lines(text):
         where = f"{path}, line {number}"
         if line.startswith("-"):
@@ -100,7 +103,7 @@ def read(path: Path, out: Parsed, seen: tuple[Path, ...] = (), constraints: bool
             if not value and kind != "no-index":
                 raise EnvironmentBuildError(f"{where}: the option {option} needs a value")
             if kind in ("requirement", "constraint"):
-                read(path.parent / value, out, (*seen, path), constraints or kind == "constraint")
+                read(path.parent / value, out, (*seen, path), constraints or kind == "constraint", where)
             elif kind == "index":
                 out.index_url = out.index_url or value
             elif kind == "extra":

@@ -54,6 +54,10 @@ def loads(frames: list) -> Any:
     return cloudpickle.loads(head, buffers=[_writable(b) for b in rest])
 
 
+#: The file this module's code says it comes from (in a kernel too): its frames are not the user's.
+_OWN_FILE = loads.__code__.co_filename
+
+
 #: Buffers from this size on cross between host and kernel as files in a shared-memory directory
 #: (tmpfs) instead of through a socket: written once, mapped by the reader without a copy.
 SHM_MIN = 8 << 20
@@ -677,10 +681,10 @@ class Runtime:
                     raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
                 result = operation(data, buffers)
             except BaseException as exc:  # the user's error, KeyboardInterrupt included
-                if exc.__traceback__ is not None:  # hide this handler's own frames
-                    exc.__traceback__ = exc.__traceback__.tb_next
-                    if exc.__traceback__ is not None and exc.__traceback__.tb_frame.f_code.co_name.startswith("op_"):
-                        exc.__traceback__ = exc.__traceback__.tb_next
+                tb = exc.__traceback__
+                while tb is not None and tb.tb_frame.f_code.co_filename == _OWN_FILE:  # the runtime's frames
+                    tb = tb.tb_next  # (handler, operation, unpickling the arguments) are not the user's
+                exc.__traceback__ = tb
                 reply.update(ok=False, kind="exception")
                 frames = dumps(describe_exception(exc))
             else:

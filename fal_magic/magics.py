@@ -133,8 +133,9 @@ class IsolatedMagics(Magics):
             raise
         status.finish()
         try:
-            if pool.namespace_lost(kernel):
-                print("[fal_magic] the previous kernel of this environment was shut down: its variables are gone")
+            lost = pool.namespace_lost(kernel)
+            if lost:
+                print(f"[fal_magic] the previous kernel of this environment {lost}: its variables are gone")
             if push_frames is not None:
                 pushed = kernel.push(push_frames, sink, grace)
                 load_result(pushed.content, pushed.buffers, spec.requirements)

@@ -1,8 +1,9 @@
 """How fal_magic shows what it is doing while an environment builds or a kernel starts.
 
 In a notebook: one status line in the calling cell, updated in place (a display handle), never a
-block of stderr, which JupyterLab paints red and keeps in the saved notebook. When the work is done
-it collapses to one quiet summary when an environment was built, and to nothing otherwise. On a
+block of stderr, which JupyterLab paints red and keeps in the saved notebook. It appears only once
+the work has taken ``SHOW_AFTER`` seconds (a quick start leaves nothing), and when the work is done
+it collapses to one quiet summary (a display stays in the saved notebook: never as a blank). On a
 terminal: one line rewritten in place; elsewhere (a log file, CI) plain ``[fal_magic]`` lines.
 Every step also goes to the ``fal_magic`` logger at DEBUG, for those who want all of them.
 """
@@ -12,6 +13,7 @@ import contextvars
 import logging
 import shutil
 import sys
+import threading
 import time
 from typing import Any
 
@@ -19,6 +21,9 @@ from .envs.cache import INSTALLER_LINE as INSTALLER
 from .outputs import _ipython
 
 log = logging.getLogger("fal_magic")
+
+#: Seconds of work before a notebook's status line appears.
+SHOW_AFTER = 0.3
 
 
 def log_progress(text: str) -> None:
@@ -45,6 +50,10 @@ class StatusLine:
         self._build_started: float | None = None
         self._build_ended: float | None = None
         self._handle: Any = None
+        self._pending = ""  # the line a notebook shows once the work has taken SHOW_AFTER seconds
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._finished = False
         self._tty_width = 0
         self._mode = "notebook" if _notebook() else ("tty" if _isatty() else "log")
 
@@ -69,7 +78,20 @@ class StatusLine:
             sys.stderr.flush()
             self._tty_width = min(len(line), width)
         else:
-            self._update(line)
+            with self._lock:
+                if self._handle is not None:
+                    self._update(line)
+                    return
+                self._pending = line
+                if self._timer is None and not self._finished:
+                    self._timer = threading.Timer(SHOW_AFTER, self._context.run, (self._show_pending,))
+                    self._timer.daemon = True
+                    self._timer.start()
+
+    def _show_pending(self) -> None:
+        with self._lock:
+            if not self._finished:
+                self._update(self._pending)
 
     def _update(self, line: str) -> None:
         from IPython.display import display
@@ -94,8 +116,15 @@ class StatusLine:
         if self._mode == "tty" and self._tty_width:
             sys.stderr.write("\r" + summary.ljust(self._tty_width) + ("\n" if summary else "\r"))
             sys.stderr.flush()
-        elif self._mode == "notebook" and self._handle is not None:
-            self._update(summary)
+        elif self._mode == "notebook":
+            with self._lock:
+                self._finished = True
+                if self._timer is not None:
+                    self._timer.cancel()
+                if self._handle is not None:  # shown: it stays in the saved notebook, so never as a blank
+                    elapsed = f"{time.monotonic() - self._started:.1f} s"
+                    self._update(summary or (f"fal_magic · {self.label} · ready in {elapsed}" if ok
+                                             else f"fal_magic · {self.label} · failed after {elapsed}"))
 
 
 def _isatty() -> bool:

@@ -100,7 +100,9 @@ def test_a_remote_exception_reads_like_a_local_one():
 COVERED = ["quickstart.ipynb", "cell_magic.ipynb", "fal_serverless_examples.ipynb"]
 
 
-def test_progress_is_one_status_line_updated_in_place_never_stderr(tmp_path):
+def test_progress_is_one_status_line_updated_in_place_never_stderr(tmp_path, remote):
+    from .conftest import TOKEN
+
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                            "language": "python"}})
     nb.cells = [nbformat.v4.new_code_cell(source) for source in (
@@ -112,9 +114,14 @@ def test_progress_is_one_status_line_updated_in_place_never_stderr(tmp_path):
         "%load_ext fal_magic",
         "%%isolated --requirements text-unidecode==1.3\n6 * 7",  # a kernel of the built environment
         "%%isolated --requirements tabulate==99.0\n1",  # a build that fails
+        f"import fal_magic\nfal_magic.configure(token={TOKEN!r})",
+        f"%%isolated --host {remote}\n6 * 7",  # a kernel on a server
     )]
     NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True).execute()
-    build, warm, _, cell, failed = nb.cells
+    build, warm, _, cell, failed, _, far = nb.cells
+    for each in nb.cells:  # a status line shown stays in the saved notebook: never as a blank output
+        assert all(o.data.get("text/plain") for o in each.outputs if o.output_type == "display_data"), each.outputs
+    assert [o.data["text/plain"] for o in far.outputs if o.output_type == "execute_result"] == ["42"]
     assert not [o for o in build.outputs if o.output_type == "stream" and o.name == "stderr"], build.outputs
     displays = [o for o in build.outputs if o.output_type == "display_data"]
     assert len(displays) == 1, build.outputs  # one line, updated in place, not one output per step

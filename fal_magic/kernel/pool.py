@@ -104,7 +104,7 @@ class KernelPool:
         self._cond = threading.Condition()
         self._culler: threading.Thread | None = None
         self._closed = False
-        self._lost_namespaces: set[str] = set()  # slots whose kernel with cell state is gone
+        self._lost_namespaces: dict[str, str] = {}  # slots whose kernel with cell state is gone: how
         self._runtime_dir: Path | None = None
         self._shm_dir: Path | None = None
 
@@ -178,6 +178,7 @@ class KernelPool:
                 for k in kernels:
                     if k.state == "idle":
                         if not k.is_alive():  # crashed while idle: replace it
+                            k.state = "dead"
                             self._forget(k)
                             threading.Thread(target=k.shutdown, kwargs={"now": True}, daemon=True).start()
                             break
@@ -237,19 +238,18 @@ class KernelPool:
         if kernel in kernels:
             kernels.remove(kernel)
             if kernel.cells and not asked and kernel.kill_reason is None:
-                self._lost_namespaces.add(kernel.slot)
+                self._lost_namespaces[kernel.slot] = "died" if kernel.state == "dead" else "was shut down"
         if not kernels and self._kernels.pop(kernel.slot, None) is not None:
             kernel.release_slot()
         self._cond.notify_all()
 
-    def namespace_lost(self, kernel: Kernel) -> bool:
-        """Whether ``kernel`` is new and an earlier kernel of its slot, which held cell state, is gone
-        (said once per loss)."""
+    def namespace_lost(self, kernel: Kernel) -> str | None:
+        """What became of the earlier kernel of ``kernel``'s slot ("died", "was shut down"), if
+        ``kernel`` is new and that one held cell state (said once per loss); else None."""
         with self._cond:
-            if kernel.calls or kernel.slot not in self._lost_namespaces:
-                return False
-            self._lost_namespaces.discard(kernel.slot)
-            return True
+            if kernel.calls:
+                return None
+            return self._lost_namespaces.pop(kernel.slot, None)
 
     @contextmanager
     def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1, progress: Progress = log_progress,

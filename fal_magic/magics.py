@@ -18,6 +18,7 @@ from .envs import spec_for
 from .envs.spec import describe_requirements
 from .errors import EnvironmentBuildError, FalMagicError, remote_cell_error
 from .kernel import get_pool
+from .kernel.contract import NotStartedError
 from .kernel.tracebacks import attach, renumber_cells
 from .kernel.wire import dump_values, load_result
 from .outputs import CellOutput, RemoteValue
@@ -126,27 +127,35 @@ class IsolatedMagics(Magics):
         grace = pool.config.interrupt_grace
         pulled: dict[str, Any] = {}
         status = StatusLine(describe_requirements(spec.requirements))
-        try:
-            kernel = pool.acquire(spec, progress=status, host=args.host, env=env)
-        except BaseException:
-            status.finish(ok=False)
-            raise
-        status.finish()
-        try:
-            lost = pool.namespace_lost(kernel)
-            if lost:
-                print(f"[fal_magic] the previous kernel of this environment {lost}: its variables are gone")
-            if push_frames is not None:
-                pushed = kernel.push(push_frames, sink, grace)
-                load_result(pushed.content, pushed.buffers, spec.requirements)
-            reply = kernel.execute(cell, sink, grace).content
-            numbers = self._cell_numbers.setdefault(kernel.id, {})
-            numbers[reply.get("execution_count", 0)] = _calling_cell_number(shell)
-            if reply["status"] == "ok" and pull:
-                pull_reply = kernel.pull(pull, sink, grace)
-                pulled = load_result(pull_reply.content, pull_reply.buffers, spec.requirements)
-        finally:
-            pool.release(kernel, keep_alive)
+        for attempt in (1, 2):  # a kernel found dead before it began the cell is replaced once
+            try:
+                kernel = pool.acquire(spec, progress=status, host=args.host, env=env)
+            except BaseException:
+                status.finish(ok=False)
+                raise
+            status.finish()
+            ran = False
+            try:
+                lost = pool.namespace_lost(kernel)
+                if lost:
+                    print(f"[fal_magic] the previous kernel of this environment {lost}: its variables are gone")
+                if push_frames is not None:
+                    pushed = kernel.push(push_frames, sink, grace)
+                    load_result(pushed.content, pushed.buffers, spec.requirements)
+                reply = kernel.execute(cell, sink, grace).content
+                ran = True
+                numbers = self._cell_numbers.setdefault(kernel.id, {})
+                numbers[reply.get("execution_count", 0)] = _calling_cell_number(shell)
+                if reply["status"] == "ok" and pull:
+                    pull_reply = kernel.pull(pull, sink, grace)
+                    pulled = load_result(pull_reply.content, pull_reply.buffers, spec.requirements)
+            except NotStartedError:
+                if ran or attempt == 2:
+                    raise
+                continue
+            finally:
+                pool.release(kernel, keep_alive)
+            break
         if reply["status"] != "ok":  # shown as the kernel formatted it, with this notebook's cell numbers
             lines = renumber_cells(reply.get("traceback", []), numbers)
             if reply.get("ename") == "KeyboardInterrupt":

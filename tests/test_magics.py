@@ -196,7 +196,6 @@ def test_cells_keep_their_namespace_for_interactive_work_and_say_when_it_is_gone
     assert repr(result.result) == "2" and "[fal_magic]" not in out.stdout  # said once
     os.kill(get_pool().snapshot()[0].pid, signal.SIGKILL)  # a kernel that dies is not said to be shut down
     result, out = run(ip, "%%isolated\n'x' in dir()")
-    print("DBG", result.error_in_exec, out.stdout, out.stderr)
     assert repr(result.result) == "False"
     assert "the previous kernel of this environment died: its variables are gone" in out.stdout
 

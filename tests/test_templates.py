@@ -35,6 +35,36 @@ def test_a_new_kernel_is_forked_from_its_environments_template():
     assert again != pid and same_parent == parent
 
 
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the writable memory of process ``pid``."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def test_a_kernels_secret_variables_never_reach_its_template():
+    secret = "sk-" + os.urandom(12).hex()
+
+    def read():
+        import os
+
+        return os.environ["FAL_SECRET_PROBE"], os.getppid()
+
+    value, template = isolated(keep_alive=30, env={"FAL_SECRET_PROBE": secret})(read)()
+    assert value == secret and _name(template) == forkserver.TEMPLATE_NAME
+    assert not _memory_holds(template, secret.encode())
+
+
 def test_without_forking_a_kernel_is_launched_as_a_child_of_the_host():
     configure(fork_kernels=False)
     pid, parent = isolated(keep_alive=30)(_who)()

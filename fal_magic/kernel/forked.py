@@ -161,16 +161,27 @@ class Template:
         return all(_mtime(path) == mtime for path, mtime in self._sources.items())
 
     def fork(self, args: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> ForkedProcess:
-        """Fork a kernel running ``ipykernel_launcher ARGS`` with this environment, directory and stdio."""
-        request = json.dumps({"op": "fork", "args": args, "env": env, "cwd": cwd}).encode()
-        with self._lock:
-            if not self.alive:
-                raise TemplateError("the template has ended")
-            try:
-                socket.send_fds(self.sock, [len(request).to_bytes(4, "big") + request], fds)
-            except OSError as exc:
-                raise TemplateError(f"the template cannot be reached: {exc}") from None
-            answer = self._answer(10.0)
+        """Fork a kernel running ``ipykernel_launcher ARGS`` with this environment, directory and stdio.
+
+        The variables travel in a memory file passed as a fourth descriptor, which only the kernel
+        reads: the template never holds them (they may be secrets), so none stays in its memory."""
+        request = json.dumps({"op": "fork", "args": args, "cwd": cwd}).encode()
+        variables = os.memfd_create("fal_magic-env", os.MFD_CLOEXEC)
+        try:
+            data = memoryview(json.dumps(env).encode())
+            while data:
+                data = data[os.write(variables, data):]
+            os.lseek(variables, 0, os.SEEK_SET)
+            with self._lock:
+                if not self.alive:
+                    raise TemplateError("the template has ended")
+                try:
+                    socket.send_fds(self.sock, [len(request).to_bytes(4, "big") + request], [*fds, variables])
+                except OSError as exc:
+                    raise TemplateError(f"the template cannot be reached: {exc}") from None
+                answer = self._answer(10.0)
+        finally:
+            os.close(variables)
         if answer.get("op") != "forked":
             raise TemplateError(answer.get("error", "the template did not fork"))
         with self._cond:

@@ -7,8 +7,9 @@ ipykernel, IPython and what they pull in, but nothing that starts a thread or an
 a process with threads is unsafe, so the template refuses to fork once it has more than one thread).
 
 On the socket, one request at a time from the host: a 4-byte length, a JSON object
-(``{"op": "fork", "args": [...], "env": {...}, "cwd": "..."}``) and the descriptors that become the
-kernel's stdin, stdout and stderr. Back, newline-separated JSON: ``ready``, ``forked`` (with the pid)
+(``{"op": "fork", "args": [...], "cwd": "..."}``) and four descriptors: those that become the kernel's
+stdin, stdout and stderr, and a memory file with its environment variables as JSON, which only the
+forked kernel reads (they may be secrets: the template never holds them). Back, newline-separated JSON: ``ready``, ``forked`` (with the pid)
 or ``failed``, and, whenever a kernel ends, ``exit`` with its pid and exit code (negative: the signal),
 since the kernels are the template's children, not the host's. The template ends, killing every
 kernel it forked, when the host closes the socket or is gone (its parent changed).
@@ -83,7 +84,7 @@ class _Template:
                 os.read(self.wake_r, 4096)
                 self.reap()
             if self.host in ready:
-                data, new_fds, _, _ = socket.recv_fds(self.host, 1 << 16, 3)
+                data, new_fds, _, _ = socket.recv_fds(self.host, 1 << 16, 4)
                 if not data:
                     return None
                 pending += data
@@ -91,7 +92,7 @@ class _Template:
                 while len(pending) >= 4 and len(pending) >= 4 + int.from_bytes(pending[:4], "big"):
                     size = int.from_bytes(pending[:4], "big")
                     request, pending = json.loads(pending[4:4 + size]), pending[4 + size:]
-                    taken, fds = fds[:3], fds[3:]
+                    taken, fds = fds[:4], fds[4:]
                     if self.fork(request, taken) == 0:
                         return request
 
@@ -109,7 +110,7 @@ class _Template:
     def fork(self, request: dict, fds: list[int]) -> int:
         """Fork a kernel; in the child, set it up as jupyter_client's launcher would and return 0."""
         threads = _threads()
-        if threads > 1 or len(fds) != 3:
+        if threads > 1 or len(fds) != 4:
             self.send(op="failed", error=f"cannot fork: {threads} threads, {len(fds)} descriptors")
             for fd in fds:
                 os.close(fd)
@@ -134,13 +135,16 @@ class _Template:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter has it
-        for target, fd in enumerate(fds):
+        *stdio, variables = fds
+        with os.fdopen(variables, "rb") as f:  # the variables: read here only, never by the template
+            env = json.loads(f.read())
+        for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
         self.host.detach()
         os.chdir(request["cwd"])
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update(env)
         os.environ["JPY_PARENT_PID"] = str(os.getppid())
 
 

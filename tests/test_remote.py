@@ -39,7 +39,7 @@ def test_v1_framing_matches_jupyter_servers():
     assert channel == "iopub" and [bytes(v) for v in views] == parts
 
 
-def test_decorator_runs_on_the_server_warm_and_streams_output(remote, server, capsys):
+def test_decorator_runs_on_the_server_warm_and_streams_output(remote, server, capsys, caplog):
     _, proc = server
 
     @isolated(keep_alive=30, requirements=["humanize==4.16.0"])
@@ -59,6 +59,7 @@ def test_decorator_runs_on_the_server_warm_and_streams_output(remote, server, ca
     [info] = fal_magic.kernels()
     assert info.host == remote and info.pid == pid and info.calls == 2 and info.rss_bytes is None
     assert [k["name"] for k in _api(remote, "/api/kernels")] == [f"fal_magic-{info.key}"]
+    assert "signing is disabled" not in caplog.text + capsys.readouterr().err  # nothing to alarm anyone
 
 
 def test_host_per_function_and_local_stays_local(remote, server):

@@ -9,10 +9,11 @@ a process with threads is unsafe, so the template refuses to fork once it has mo
 On the socket, one request at a time from the host: a 4-byte length, a JSON object
 (``{"op": "fork", "args": [...], "cwd": "..."}``) and four descriptors: those that become the kernel's
 stdin, stdout and stderr, and a memory file with its environment variables as JSON, which only the
-forked kernel reads (they may be secrets: the template never holds them). Back, newline-separated JSON: ``ready``, ``forked`` (with the pid)
-or ``failed``, and, whenever a kernel ends, ``exit`` with its pid and exit code (negative: the signal),
-since the kernels are the template's children, not the host's. The template ends, killing every
-kernel it forked, when the host closes the socket or is gone (its parent changed).
+forked kernel reads (they may be secrets: the template never holds them). Back, newline-separated
+JSON: ``ready``, ``forked`` (with the pid) or ``failed``, and, whenever a kernel ends, ``exit`` with
+its pid and exit code (negative: the signal), since the kernels are the template's children, not the
+host's. The template ends, killing every kernel it forked, when the host closes the socket or is gone
+(its parent changed).
 """
 from __future__ import annotations
 

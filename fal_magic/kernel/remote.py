@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -269,7 +270,9 @@ class RemoteKernel(Kernel):
         self.host = server.url
         self.remote_id: str | None = None
         self.ws: websocket.WebSocket | None = None
-        self.session = Session(key=b"", username="fal_magic")  # the server signs what it forwards
+        # messages on the websocket carry no signature (the server signs what it forwards to the kernel):
+        # the key is never used, and keeps Session from warning that signing is off
+        self.session = Session(key=os.urandom(32), username="fal_magic")
         self._inbox: queue.Queue = queue.Queue()
         self._death: str | None = None
         self.blob_dir: str | None = None  # the server's, when the kernel runs on its machine

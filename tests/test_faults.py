@@ -174,7 +174,8 @@ def test_cancelling_a_started_submit_interrupts_its_call_and_the_kernel_stays(tm
     assert not wait_until(future.done, timeout=1.0)  # it has begun, and runs
     assert future.cancel() and future.cancelled()
     assert wait_until(lambda: os.listdir(tmp_path) == [str(pid)], timeout=20)  # the call saw the interrupt
-    assert nap(0, str(tmp_path)) == pid
+    assert wait_until(lambda: [k.state for k in get_pool().snapshot()] == ["idle"], timeout=20)
+    assert nap(0, str(tmp_path)) == pid  # and its kernel, warm, serves the next
 
 
 # -- bad requirements and broken builds ------------------------------------------------------------

@@ -130,7 +130,7 @@ def start_server(home: Path) -> tuple[str, Any]:
         port = s.getsockname()[1]
     token = os.urandom(16).hex()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
+        [sys.executable, "-m", "jupyter_server",  # the extension: enabled by fal_magic's install
          f"--IdentityProvider.token={token}", f"--port={port}", "--ip=127.0.0.1", "--no-browser", "--allow-root",
          f"--ServerApp.root_dir={tempfile.mkdtemp(prefix='fal_bench_root_')}"],
         env={**os.environ, "FAL_MAGIC_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -22,13 +22,13 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .decorator import IsolatedFunction, isolated
-    from .kernel.runtime import cached
+    from fal_magic_inside.cached import cached
     from .widget import kernels
 
 #: Names whose modules load on first use: the server extension imports this package too, and
 #: needs none of the client side (kernels, widgets).
-_LAZY = {"IsolatedFunction": "decorator", "isolated": "decorator", "cached": "kernel.runtime",
-         "kernels": "widget"}
+_LAZY = {"IsolatedFunction": "fal_magic.decorator", "isolated": "fal_magic.decorator",
+         "cached": "fal_magic_inside.cached", "kernels": "fal_magic.widget"}
 
 __version__ = "0.1.0"
 
@@ -64,7 +64,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -85,7 +85,8 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
-    """``--ServerApp.jpserver_extensions="{'fal_magic': True}"`` loads the server side (``fal_magic.server``)."""
+    """The Jupyter Server extension (``fal_magic.server``), enabled on install by the package's
+    ``jupyter_server_config.d/fal_magic.json``."""
     return [{"module": "fal_magic.server"}]
 
 

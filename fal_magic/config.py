@@ -13,8 +13,9 @@ import platformdirs
 from traitlets import Bool, Dict, Enum, Float, List, TraitError, Unicode
 from traitlets.config import Configurable
 
-from .envs.spec import mask_credentials
 from .errors import FalMagicError
+from .masking import mask_credentials
+from .platforms import FORK_BY_DEFAULT
 
 HOME_ENV = "FAL_MAGIC_HOME"
 TOKEN_ENV = "FAL_MAGIC_TOKEN"
@@ -52,10 +53,10 @@ class FalMagic(Configurable):
         60.0, min=1.0, config=True, help="Seconds to wait for a new kernel to answer."
     )
     fork_kernels = Bool(
-        True, config=True,
+        FORK_BY_DEFAULT, config=True,
         help="Start local kernels by forking them from a template process per environment that has "
              "already imported ipykernel (a kernel then starts in about half the time); False: start each "
-             "kernel as a new Python process.",
+             "kernel as a new Python process. Default: True on Linux, False elsewhere (macOS).",
     )
     template_keep_alive = Float(
         300.0, min=0.0, config=True,

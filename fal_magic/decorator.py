@@ -10,12 +10,14 @@ import concurrent.futures
 import functools
 import logging
 import numbers
-import os
 import threading
 import warnings
 from dataclasses import asdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypedDict
+
+from fal_magic_inside.broker import isolated_proxy, register_runner
+from fal_magic_inside.runtime import map_chunk
 
 from .config import settings
 from .envs import EnvSpec, spec_for
@@ -24,7 +26,7 @@ from .envs.spec import describe_requirements
 from .errors import FalMagicError
 from .kernel import get_pool
 from .kernel.remote import check_url
-from .kernel.runtime import isolated_proxy, map_chunk
+from .platforms import after_fork_in_child
 from .kernel.contract import Frames
 from .kernel.request import Stop, stopping
 from .kernel.wire import dump_call, load_result, rebuild_exception
@@ -66,7 +68,7 @@ def _forget_executor_in_child() -> None:
     _executor_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_executor_in_child)
+after_fork_in_child(_forget_executor_in_child)
 
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:
@@ -313,3 +315,12 @@ def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Req
                                 max_kernels=max_kernels, machine_type=machine_type, host=host, env=env)
 
     return decorate
+
+
+def _run_outside_a_kernel(fn: Callable[..., Any], options: dict[str, Any], args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> Any:
+    """How an isolated function that came back from a kernel (a proxy) runs when called here."""
+    return IsolatedFunction(fn, **options)(*args, **kwargs)
+
+
+register_runner(_run_outside_a_kernel)

@@ -22,7 +22,7 @@ class OutputSink(Protocol):
     def clear(self, wait: bool) -> None: ...
 
 
-def _ipython() -> Any:
+def ipython_shell() -> Any:
     """The running IPython shell, or None in a plain interpreter."""
     mod = sys.modules.get("IPython")
     if mod is None:
@@ -52,7 +52,7 @@ class CallerOutput:
 
     @staticmethod
     def _clear(wait: bool) -> None:
-        if _ipython() is not None:
+        if ipython_shell() is not None:
             from IPython.display import clear_output
 
             clear_output(wait=wait)  # type: ignore[no-untyped-call]
@@ -68,7 +68,7 @@ class CallerOutput:
         data = content.get("data", {})
         metadata = content.get("metadata", {})
         transient = content.get("transient", {}) or {}
-        shell = _ipython()
+        shell = ipython_shell()
         if shell is not None and hasattr(shell, "display_pub"):
             from IPython.display import publish_display_data
 

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from .envs.cache import INSTALLER_LINE as INSTALLER
-from .outputs import _ipython
+from .outputs import ipython_shell
 
 log = logging.getLogger("fal_magic")
 
@@ -35,7 +35,7 @@ def log_progress(text: str) -> None:
 
 
 def _notebook() -> bool:
-    shell = _ipython()
+    shell = ipython_shell()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from fal_magic.kernel import forkserver
+from fal_magic_inside import forkserver
 
 from . import kernel_side
 
@@ -168,7 +168,7 @@ def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None 
     command ``prefix`` if any; yield its URL and process, and stop it after."""
     port = free_port()
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "jupyter_server", "--ServerApp.jpserver_extensions={'fal_magic': True}",
+        [*prefix, sys.executable, "-m", "jupyter_server",  # the extension: enabled by fal_magic's install
          f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
          "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}", *args],
         env={**os.environ, "FAL_MAGIC_HOME": str(home), **(env or {})},

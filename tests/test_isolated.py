@@ -144,7 +144,7 @@ def test_numpy_array_round_trip():
 
 def test_large_arrays_cross_through_shared_memory_and_stay_private_to_each_side():
     np = pytest.importorskip("numpy")
-    from fal_magic.kernel.runtime import SHM_MIN
+    from fal_magic_inside.shm import SHM_MIN
 
     @isolated(keep_alive=30, requirements=["numpy"])
     def keep(a):
@@ -183,7 +183,7 @@ def test_large_arrays_cross_through_shared_memory_and_stay_private_to_each_side(
 
 def test_shared_memory_is_reused_once_the_other_side_lets_go_and_never_before():
     np = pytest.importorskip("numpy")
-    from fal_magic.kernel.runtime import SHM_MIN
+    from fal_magic_inside.shm import SHM_MIN
 
     @isolated(keep_alive=30, requirements=["numpy"])
     def segment_of(a, keep=False):
@@ -227,7 +227,7 @@ def test_large_arrays_still_cross_when_shared_memory_cannot_be_written():
     import resource
     import signal
 
-    from fal_magic.kernel.runtime import SHM_MIN
+    from fal_magic_inside.shm import SHM_MIN
 
     @isolated(keep_alive=30, requirements=["numpy"])
     def limit_file_size(limit):

@@ -39,6 +39,13 @@ def test_v1_framing_matches_jupyter_servers():
     assert channel == "iopub" and [bytes(v) for v in views] == parts
 
 
+def test_the_server_extension_is_enabled_by_installing_fal_magic():
+    listed = subprocess.run([sys.executable, "-m", "jupyter_server", "extension", "list"], capture_output=True,
+                            text=True, timeout=120)
+    text = listed.stdout + listed.stderr
+    assert "fal_magic enabled" in text and "fal_magic  OK" in text, text
+
+
 def test_decorator_runs_on_the_server_warm_and_streams_output(remote, server, capsys, caplog):
     _, proc = server
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from fal_magic import configure, isolated
 from fal_magic.envs import make_spec
-from fal_magic.kernel import forkserver, get_pool
+from fal_magic.kernel import get_pool
+from fal_magic_inside import forkserver
 
 from .conftest import pid_alive, wait_until
 

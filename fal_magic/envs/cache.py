@@ -12,7 +12,6 @@ over. The lock is held by the OS, so a killed holder never leaves a stale lock b
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -33,7 +32,11 @@ from ..errors import EnvironmentBuildError, FalMagicError
 from .bytecode import link_bytecode
 from .installers import InstallFailed, Installer, pick_installer
 from .local import LocalPackage
-from .spec import EnvSpec, describe_requirements, mask_credentials
+from ..masking import mask_credentials
+from .spec import EnvSpec, describe_requirements
+
+if sys.platform != "win32":  # (Windows: no environments on this machine, see platforms.py)
+    import fcntl
 
 MARKER = "fal_magic-env.json"
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..masking import mask_credentials
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - 3.10
@@ -77,7 +79,6 @@ class Indexes:
 
     def describe(self) -> list[str]:
         """One line per source, credentials masked, for progress lines and the env metadata."""
-        from .spec import mask_credentials
 
         lines = []
         if self.no_index:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -22,20 +21,12 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ..errors import EnvironmentBuildError
+from ..masking import mask_credentials
 from .indexes import Indexes
 from .local import LocalPackage, looks_local, resolve
 
 #: What every environment needs so a kernel can run there, besides the user's requirements.
 KERNEL_PACKAGES = ("ipykernel",)
-
-
-_CREDENTIALS = re.compile(r"(?<=://)([^/@\s:]+)(:[^/@\s]*)?@")
-
-
-def mask_credentials(text: str) -> str:
-    """``https://alice:S3CRET@host/x`` -> ``https://alice:****@host/x`` and ``https://TOKEN@host`` ->
-    ``https://****@host`` (as uv shows them): a URL's secret never reaches a progress line or an error."""
-    return _CREDENTIALS.sub(lambda m: f"{m.group(1)}:****@" if m.group(2) else "****@", text)
 
 
 def describe_requirements(requirements: Iterable[str], limit: int = 5) -> str:

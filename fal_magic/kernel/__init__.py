@@ -1,5 +1,6 @@
-"""Running kernels: the contract every kind meets, the request loop, the local and remote kinds,
-the in-kernel runtime, the wire format, and the pool of warm kernels.
+"""Running kernels, from the host's side: the contract every kind meets, the request loop, the local,
+forked and remote kinds, the host's half of the wire format, and the pool of warm kernels. (What runs
+inside a kernel is the package ``fal_magic_inside``.)
 
 The pool and its names load on first use, so that importing a light piece (``protocol``, as the
 server extension does) brings in no client machinery (zmq sockets, websocket client).

@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fal_magic_inside import forkserver
 from jupyter_client.provisioning import LocalProvisioner
 
-from . import forkserver
+from ..platforms import after_fork_in_child
+
 
 log = logging.getLogger("fal_magic")
 
@@ -290,7 +292,7 @@ def _after_fork_in_child() -> None:
     _templates_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork_in_child(_after_fork_in_child)
 
 
 def _descriptor(stream: Any, default: int) -> int | None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hmac
 import json
 import os
-import resource
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,17 +20,23 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
+from fal_magic_inside import shm
+from fal_magic_inside.broker import BROKER_ENV
+from fal_magic_inside.channel import BEGUN, FAST_ENV
+from fal_magic_inside.frames import sign
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
 from ..envs import EnvCache, EnvSpec
 from ..errors import KernelDiedError, KernelStartError
 from ..outputs import OutputSink
-from . import runtime
 from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
 from .protocol import (LIVENESS_PERIOD, bootstrap_from, check_hello, comm_open, is_hello, kernel_argv, kernel_env,
                        msg_counter, write_runtime)
 from .request import serve
+
+if sys.platform != "win32":  # (Windows: no kernels on this machine, see platforms.py)
+    import resource
 
 _context: zmq.Context | None = None
 _context_pid = 0
@@ -134,7 +140,7 @@ class LocalKernel(Kernel):
         self.log_path = runtime_dir / f"kernel-{self.id}.log"
         self.broker: Any = None
         self.fast: Any = None
-        self.arena: runtime.Arena | None = None
+        self.arena: shm.Arena | None = None
         self._results: dict[str, Any] = {}  # the kernel's segments that results here are built on
         self._returned: dict[str, Any] = {}  # ours, come back as results (an argument returned)
         self.km: KernelManager | None = None
@@ -168,9 +174,8 @@ class LocalKernel(Kernel):
         child_env.update(
             kernel_env(env.path, os.environ.get("PATH", "")),
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),
-            FAL_MAGIC_BROKER=broker_address,
-            FAL_MAGIC_FAST=fast_address,
-            **({runtime.SHM_ENV: str(self.shm_dir)} if self.shm_dir is not None else {}),
+            **{BROKER_ENV: broker_address, FAST_ENV: fast_address},
+            **({shm.SHM_ENV: str(self.shm_dir)} if self.shm_dir is not None else {}),
         )
         log = open(self.log_path, "ab", buffering=0)
         try:
@@ -264,7 +269,7 @@ class LocalKernel(Kernel):
         """Answer one nested-call request from the running function (only if correctly signed)."""
         ident, signature, header, *frames = self.broker.recv_multipart(copy=False)
         key = self.kc.session.key
-        if not hmac.compare_digest(runtime.sign(key, bytes(header)), bytes(signature)):
+        if not hmac.compare_digest(sign(key, bytes(header)), bytes(signature)):
             return  # not from our kernel: dropped, as Jupyter drops badly signed messages
         if nested is None:
             self.broker.send_multipart([ident, b"error", b"isolated functions cannot be called from here"])
@@ -375,7 +380,7 @@ class LocalKernel(Kernel):
 
     def call(self, frames: Frames, sink: OutputSink, grace: float, nested: NestedHandler | None = None) -> Reply:
         """A call on the runtime's fast channel when it has one (large buffers through shared memory
-        both ways: see ``runtime.Arena``), else as a comm request."""
+        both ways: see ``shm.Arena``), else as a comm request."""
         if self.fast is None:
             return super().call(frames, sink, grace, nested)
         self.calls += 1
@@ -386,10 +391,10 @@ class LocalKernel(Kernel):
         try:
             free: list[str] = []
             if arena is not None:
-                arena.give_back(runtime.unmapped(self._returned))  # ours, back from the caller's objects
-                free = runtime.unmapped(self._results)  # the kernel's, no longer used here
+                arena.give_back(shm.unmapped(self._returned))  # ours, back from the caller's objects
+                free = shm.unmapped(self._results)  # the kernel's, no longer used here
                 for index in range(1, len(frames)):
-                    if memoryview(frames[index]).nbytes >= runtime.SHM_MIN:
+                    if memoryview(frames[index]).nbytes >= shm.SHM_MIN:
                         written = arena.put(frames[index])
                         if written is not None:  # else shared memory is full: the frame goes inline
                             sent[index] = written
@@ -397,7 +402,7 @@ class LocalKernel(Kernel):
             msg_id = uuid.uuid4().hex
             header = json.dumps({"msg_id": msg_id, "id": msg_counter(), "session": self.kc.session.session,
                                  "shm": sent, "free": free}).encode()
-            self.fast.send_multipart([runtime.sign(self.kc.session.key, header), header, *frames], copy=False)
+            self.fast.send_multipart([sign(self.kc.session.key, header), header, *frames], copy=False)
             reply = serve(self, msg_id, sink, grace, "outside", nested)
             placed = reply.content.pop("shm", None) or {}
             if arena is not None:
@@ -425,13 +430,13 @@ class LocalKernel(Kernel):
         for index, (kind, name, offset, size) in placed.items():
             if name not in maps:
                 table = self._results if kind == "new" else self._returned
-                maps[name] = table[name] = runtime.shm_map(directory, name, needed[name])
+                maps[name] = table[name] = shm.shm_map(directory, name, needed[name])
             buffers[int(index)] = memoryview(maps[name])[offset:offset + size]
 
-    def _arena(self) -> runtime.Arena | None:
+    def _arena(self) -> shm.Arena | None:
         """This kernel's shared-memory segments on the host's side (None: no shared memory here)."""
         if self.arena is None and self.shm_dir is not None:
-            self.arena = runtime.Arena(str(self.shm_dir), f"h-{self.id}")
+            self.arena = shm.Arena(str(self.shm_dir), f"h-{self.id}")
         return self.arena
 
     def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
@@ -480,7 +485,7 @@ class LocalKernel(Kernel):
             self._serve_nested(sink, nested)
         if self.fast is not None and self.fast in ready:
             head, *buffers = self.fast.recv_multipart(copy=False)
-            if head.bytes == runtime.BEGUN:
+            if head.bytes == BEGUN:
                 return "begun", None
             return "reply", Reply(json.loads(head.bytes), buffers)
         for channel, sock in (("iopub", iopub), ("shell", shell)):

@@ -26,10 +26,11 @@ from collections.abc import Iterator, Mapping
 from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, spec_for
 from ..envs.indexes import own_settings, site_settings
-from ..envs.spec import mask_credentials
+from ..masking import mask_credentials
 from ..errors import FalMagicError, KernelStartError
 from ..leftovers import remove_orphaned
 from ..outputs import OutputSink
+from ..platforms import after_fork_in_child, require_local_kernels
 from . import forked
 from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, Reply, slot_name
 from .local import LocalKernel
@@ -163,6 +164,7 @@ class KernelPool:
                 f"Jupyter Server at {url}: its kernels API takes none, and writing them into a kernelspec "
                 "would leave them on the server's disk; set them on the server instead")
         if url is None:
+            require_local_kernels()
             cfg = self.config
             spec = spec.resolved(site_settings(own_settings(cfg.index_url, cfg.extra_index_urls, cfg.find_links)))
         else:
@@ -502,4 +504,4 @@ def _after_fork_in_child() -> None:
     _pool_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork_in_child(_after_fork_in_child)

@@ -7,43 +7,87 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import fal_magic_inside
+from fal_magic_inside.runtime import COMM_TARGET
+
 from ..errors import KernelStartError
 from ..outputs import OutputSink
-from . import runtime
 from .contract import Hello, Message
 
-_RUNTIME_SOURCE = Path(runtime.__file__).read_text()
+#: The package that runs inside kernels: its directory, and its modules' sources (a template's fork
+#: server aside: it runs beside the host's copy).
+INSIDE_DIR = Path(fal_magic_inside.__file__).parent
+_SOURCES = {path.name: path.read_text() for path in sorted(INSIDE_DIR.glob("*.py")) if path.name != "forkserver.py"}
 
-_LOADER = (
-    "(lambda m: (__import__('sys').modules.__setitem__(m.__name__, m), "
-    "exec(compile({src}, {path!r}, 'exec'), m.__dict__), m.install(get_ipython())))"
-    "(__import__('types').ModuleType({name!r}))"
-)
+#: Cell code that loads the runtime from a copy of the package (``write_runtime``), then installs it.
+_FROM_COPY = ("(lambda sys: (sys.path.insert(0, {root!r}), __import__('fal_magic_inside.runtime'), "
+              "sys.modules['fal_magic_inside.runtime'].install(get_ipython())))(__import__('sys'))")
 
-#: Cell code that loads the runtime into a fresh kernel (the env needs no fal_magic install).
-BOOTSTRAP = _LOADER.format(src=repr(_RUNTIME_SOURCE), path=runtime.__file__, name=runtime.MODULE_NAME)
+#: Cell code that loads the runtime from its sources, carried in the cell, without writing a file: a
+#: finder serves the package's modules (with the host's file names, which its tracebacks show).
+_FROM_SOURCES = """\
+def _fal_magic_load(sources, directory):
+    import importlib.abc, importlib.util, os, sys
+
+    class Sources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            package, _, module = name.partition(".")
+            if package != "fal_magic_inside" or (module + ".py" if module else "__init__.py") not in sources:
+                return None
+            file = module + ".py" if module else "__init__.py"
+            spec = importlib.util.spec_from_loader(name, self, origin=os.path.join(directory, file),
+                                                   is_package=not module)
+            spec.has_location = True
+            return spec
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            code = compile(sources[os.path.basename(module.__spec__.origin)], module.__spec__.origin, "exec")
+            exec(code, module.__dict__)
+
+    sys.meta_path.insert(0, Sources())
+    __import__("fal_magic_inside.runtime")
+    sys.modules["fal_magic_inside.runtime"].install(get_ipython())
 
 
-def bootstrap_from(copy: Path) -> str:
-    """The bootstrap for a kernel on this machine: it reads the runtime from ``copy`` (written by
-    ``write_runtime``), so the cell stays small (ipykernel hashes every cell's source in pure
-    Python to name it: ~20 ms for the runtime's)."""
-    return _LOADER.format(src=f"open({str(copy)!r}).read()", path=runtime.__file__, name=runtime.MODULE_NAME)
+_fal_magic_load({sources!r}, {directory!r})
+del _fal_magic_load
+"""
+
+#: Cell code that loads the runtime into a kernel on another machine (its environment needs no
+#: fal_magic install, and the host's runtime is the one that runs).
+BOOTSTRAP = _FROM_SOURCES.format(sources=_SOURCES, directory=str(INSIDE_DIR))
+
+
+def bootstrap_from(root: Path) -> str:
+    """The bootstrap for a kernel on this machine: it imports the package from its copy under ``root``
+    (written by ``write_runtime``), so the cell stays small (ipykernel hashes every cell's source in
+    pure Python to name it: ~20 ms for the runtime's)."""
+    return _FROM_COPY.format(root=str(root))
 
 
 def write_runtime(directory: Path) -> Path:
-    """This process's runtime source (the one it runs, even if the installed file changed since) as a
-    file in its owner-only ``directory``, for ``bootstrap_from``."""
-    copy = directory / "fal_magic_runtime.py"
-    if not copy.exists():
-        tmp = directory / f".fal_magic_runtime.{os.getpid()}.tmp"
-        tmp.write_text(_RUNTIME_SOURCE)
-        os.replace(tmp, copy)
-    return copy
+    """This process's copy of the package (the one it runs, even if the installed files changed
+    since), written once under the owner-only ``directory``; the directory to put on ``sys.path``."""
+    root = directory / "inside"
+    if not (root / "fal_magic_inside" / "runtime.py").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=".inside-", dir=directory))
+        (tmp / "fal_magic_inside").mkdir()
+        for name, text in _SOURCES.items():
+            (tmp / "fal_magic_inside" / name).write_text(text)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another thread of this process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 #: Output message types forwarded to the caller as display outputs.
@@ -90,7 +134,7 @@ def check_hello(hello: Hello) -> None:
 
 def comm_open(session: Any, comm_id: str) -> dict[str, Any]:
     """The comm_open message that connects the host to the runtime (it answers with ``hello``)."""
-    msg: dict[str, Any] = session.msg("comm_open", {"comm_id": comm_id, "target_name": runtime.COMM_TARGET,
+    msg: dict[str, Any] = session.msg("comm_open", {"comm_id": comm_id, "target_name": COMM_TARGET,
                                                     "data": {}})
     return msg
 

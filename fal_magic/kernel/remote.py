@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import websocket
+from fal_magic_inside.shm import BLOB_MIN
 from jupyter_client.session import Session
 
 from ..envs import EnvSpec
 from ..errors import AuthenticationError, EnvironmentBuildError, FalMagicError, KernelDiedError, KernelStartError
 from ..outputs import OutputSink
-from . import runtime
 from .contract import Frames, Kernel, Message, NestedHandler, NotStartedError, Progress, Reply
 from .protocol import BOOTSTRAP, LIVENESS_PERIOD, check_hello, comm_open, is_hello, msg_counter
 from .request import serve
@@ -158,8 +158,8 @@ class ServerClient:
                     + "; set it with fal_magic.configure(token=...) or $FAL_MAGIC_TOKEN") from None
             if exc.code == 404 and path.startswith("/fal_magic/"):
                 raise FalMagicError(
-                    f"the Jupyter Server at {self.url} has no fal_magic extension: start it with "
-                    "jupyter server --ServerApp.jpserver_extensions=\"{'fal_magic': True}\"") from None
+                    f"the Jupyter Server at {self.url} has no fal_magic extension: install fal_magic[server] "
+                    "in its environment (which enables it), or check 'jupyter server extension list' there") from None
             raise ServerError(f"the Jupyter Server at {self.url} answered {method} {path} with "
                               f"{exc.code} {exc.reason}" + (f": {detail}" if detail else ""), exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
@@ -408,7 +408,7 @@ class RemoteKernel(Kernel):
         blobs: dict[int, str] = {}
         for index, frame in enumerate(frames):
             view = memoryview(frame).cast("B")
-            if self.blob_dir is not None and index > 0 and view.nbytes >= runtime.BLOB_MIN:
+            if self.blob_dir is not None and index > 0 and view.nbytes >= BLOB_MIN:
                 try:
                     blobs[index] = self.server.upload(view)
                     frames[index] = b""

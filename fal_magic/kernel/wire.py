@@ -1,6 +1,6 @@
 """Host side of the wire: pickle a call into frames, rebuild a result or a remote exception.
 
-The frame format itself lives in ``runtime`` (the kernel runs that file too).
+The frame format itself lives in ``fal_magic_inside.frames`` (the kernel runs that package too).
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import types
 from typing import Any, Callable, Sequence
 
 import cloudpickle
+from fal_magic_inside.broker import NestedCallError
+from fal_magic_inside.frames import add_note, describe_exception, dumps, loads, type_name
 
 from ..errors import FalMagicError, RemoteError, SerializationError
-from .runtime import NestedCallError, add_note, describe_exception, dumps, loads, type_name
 from .tracebacks import attach, render_chain
 
 __all__ = ["dump_call", "dump_values", "load_result", "rebuild_exception", "describe_exception", "dumps", "loads"]

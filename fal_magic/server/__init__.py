@@ -1,6 +1,6 @@
 """The fal_magic Jupyter Server extension: lets hosts elsewhere run isolated kernels on this server.
 
-``jupyter server --ServerApp.jpserver_extensions="{'fal_magic': True}"`` adds one authenticated
+Enabled on install (``jupyter_server_config.d/fal_magic.json``): ``jupyter server`` adds one authenticated
 endpoint, ``POST /fal_magic/api/envs``, which builds the environment for a requirements key with the
 same cache code a local host uses and writes a kernelspec for it (progress streamed back as JSON
 lines). Kernels then start and run through the server's standard kernels API and websocket. A

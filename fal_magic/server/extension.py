@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fal_magic_inside.broker import REMOTE_ENV
+from fal_magic_inside.head import HEAD_ENV, ORPHAN_ENV
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
@@ -29,10 +31,10 @@ from ..envs import EnvCache, EnvSpec, Indexes, make_spec
 from ..envs.indexes import site_settings
 from ..envs.local import looks_local
 from ..envs.cache import ensure_private_dir
-from ..envs.spec import host_python, mask_credentials
+from ..envs.spec import host_python
+from ..masking import mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
-from ..kernel.runtime import HEAD_ENV, ORPHAN_ENV, REMOTE_ENV
 from . import blobs
 from .cluster import HostGroups, HostUnreachable, cluster_spec, slug, ssh_client
 from .launcher import assemble_launcher

@@ -72,7 +72,7 @@ class _Template:
     def send(self, **message: object) -> None:
         self.host.sendall(json.dumps(message).encode() + b"\n")
 
-    def serve(self) -> dict | None:
+    def serve(self) -> dict[str, Any] | None:
         """Answer the host until it is gone (None), or return a fork request in the forked child."""
         pending = b""
         fds: list[int] = []
@@ -92,7 +92,8 @@ class _Template:
                 fds += new_fds
                 while len(pending) >= 4 and len(pending) >= 4 + int.from_bytes(pending[:4], "big"):
                     size = int.from_bytes(pending[:4], "big")
-                    request, pending = json.loads(pending[4:4 + size]), pending[4 + size:]
+                    request: dict[str, Any] = json.loads(pending[4:4 + size])
+                    pending = pending[4 + size:]
                     taken, fds = fds[:4], fds[4:]
                     if self.fork(request, taken) == 0:
                         return request
@@ -108,7 +109,7 @@ class _Template:
             self.children.discard(pid)
             self.send(op="exit", pid=pid, code=os.waitstatus_to_exitcode(status))
 
-    def fork(self, request: dict, fds: list[int]) -> int:
+    def fork(self, request: dict[str, Any], fds: list[int]) -> int:
         """Fork a kernel; in the child, set it up as jupyter_client's launcher would and return 0."""
         threads = _threads()
         if threads > 1 or len(fds) != 4:
@@ -130,7 +131,7 @@ class _Template:
         self.send(op="forked", pid=pid)
         return pid
 
-    def become_child(self, request: dict, fds: list[int]) -> None:
+    def become_child(self, request: dict[str, Any], fds: list[int]) -> None:
         _name(KERNEL_NAME)
         os.setsid()  # its own session and process group, as jupyter_client starts kernels
         signal.set_wakeup_fd(-1)
@@ -158,7 +159,7 @@ def end_kernels(children: set[int]) -> None:
             pass
 
 
-def run_kernel(request: dict) -> None:
+def run_kernel(request: dict[str, Any]) -> None:
     """In a forked child: run ipykernel as ``python -m ipykernel_launcher ARGS`` would."""
     import ipykernel_launcher
     from ipykernel.kernelapp import IPKernelApp

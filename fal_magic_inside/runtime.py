@@ -1,0 +1,207 @@
+"""The runtime of a fal_magic kernel: the comm target a host connects to, and the handler that runs
+each request (a call, ``%%isolated --push``/``--pull``) and replies with its result or its exception.
+
+``install(get_ipython())`` is what the host's bootstrap runs in a fresh kernel. Calls arrive as comm
+messages whose binary buffers hold a cloudpickled ``(function, args, kwargs)`` (from a server's
+host, with large frames as blobs beside the websocket), or on the local fast channel (large frames in
+shared memory); the function runs on the kernel's main thread, so its prints are published on iopub
+under the call's own message and an interrupt reaches it.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from . import broker as _broker
+from .capture import capture_stdout, drain_captured_output
+from .channel import BEGUN, FAST_ENV, FastChannel
+from .frames import describe_exception, dumps, loads, type_name, without_runtime_frames
+from .head import HEAD_ENV, watch_head
+from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
+
+COMM_TARGET = "fal_magic"
+
+
+def map_chunk(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+    """Run ``fn`` over a chunk of argument tuples in one request (``.map``): each item's result, or
+    its exception described, so that one failing item does not hide the others."""
+    out: list[tuple[bool, Any]] = []
+    for args in items:
+        try:
+            out.append((True, fn(*args)))
+        except Exception as exc:
+            if exc.__traceback__ is not None:
+                exc.__traceback__ = exc.__traceback__.tb_next
+            out.append((False, describe_exception(exc)))
+    return out
+
+
+class Runtime:
+    """Serves the requests of one kernel's host."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.fast: FastChannel | None = None
+        self._parts: dict[int, bytearray] = {}
+        self.shm_dir = os.environ.get(SHM_ENV, "")
+        self.arena: Arena | None = None  # this kernel's segments for large results
+        self.held: dict[str, Any] = {}  # the host's segments this kernel still maps (its objects use them)
+
+    def open(self, comm: Any, msg: dict[str, Any]) -> None:
+        """A host connected: tell it who we are so it can check versions before any pickle crosses."""
+        comm.on_msg(lambda m: self.handle(comm, m))
+        comm.send({
+            "op": "hello",
+            "pid": os.getpid(),
+            "python": list(sys.version_info[:3]),
+            "implementation": sys.implementation.name,
+            "cloudpickle": cloudpickle.__version__,
+            "executable": sys.executable,
+            "fast": self.fast is not None,
+        })
+
+    def handle(self, comm: Any, msg: dict[str, Any]) -> None:
+        """Serve one request that came as a comm message; reply on the comm.
+
+        A large frame may come ahead in ``part`` messages (a remote host chunks what it sends through
+        a server's websocket); the request then names the frames to take from them.
+        """
+        data, buffers = msg["content"]["data"], list(msg["buffers"])
+        if data.get("op") == "part":
+            if data["offset"] == 0:
+                self._parts[data["index"]] = bytearray(data["size"])
+            chunk = memoryview(buffers[0]).cast("B")
+            self._parts[data["index"]][data["offset"]:data["offset"] + len(chunk)] = chunk
+            return
+        for index in data.get("parts", ()):
+            buffers[index] = self._parts.pop(index)
+        uploaded = {}
+        for index, path in data.get("blobs", {}).items():  # uploaded to the server beside the websocket
+            directory, name = os.path.split(path)
+            uploaded[name] = shm_map(directory, name, os.stat(path).st_size)
+            buffers[int(index)] = memoryview(uploaded[name])
+        reply, frames = self.run(data, buffers)
+        del buffers
+        if data.get("blob_dir"):  # large results wait on the server for the host to fetch them
+            reply["blobs"] = results_to_blobs(data["blob_dir"], frames, uploaded)
+        comm.send(reply, buffers=frames)
+
+    def run(self, data: dict[str, Any], buffers: list[Any],
+            begin: Callable[[], Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
+        """Run one request; return the reply and the pickled value or the exception described.
+        ``begin`` is called first, where an interrupt already counts as the request's own."""
+        reply: dict[str, Any] = {"op": "result", "id": data.get("id")}
+        frames: list[Any] = []
+        try:
+            try:
+                if begin is not None:
+                    begin()
+                operation = getattr(self, "op_" + str(data.get("op")), None)
+                if operation is None:
+                    raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
+                result = operation(data, buffers)
+            except BaseException as exc:  # the user's error, KeyboardInterrupt included
+                reply.update(ok=False, kind="exception")
+                frames = dumps(describe_exception(without_runtime_frames(exc)))
+            else:
+                try:
+                    frames = dumps(result)
+                    reply.update(ok=True, type=type_name(result))
+                except BaseException as exc:
+                    reply.update(ok=False, kind="serialization",
+                                 message=f"the result, of type {type_name(result)}, cannot be pickled: "
+                                         f"{type(exc).__name__}: {exc}")
+                    frames = []
+                del result
+        except BaseException as exc:  # e.g. an interrupt that lands between the steps above
+            reply.update(ok=False, kind="exception")
+            frames = dumps(describe_exception(exc))
+        finally:
+            drain_captured_output()
+            for stream in (sys.stdout, sys.stderr):
+                # ipykernel's streams keep what was written in ``_buffers``; when that is empty a
+                # flush would only wait for a round trip through its IO thread
+                if not getattr(stream, "_buffers", True):
+                    continue
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+        return reply, frames
+
+    def serve_fast(self, sock: Any, header: dict[str, Any], frames: list[Any]) -> None:
+        """Serve a call from the fast channel: outputs go to iopub under the call's own id, then an
+        ``idle`` status marks that they are all out, then the reply goes back on the channel."""
+        parent = {"header": {"msg_id": header["msg_id"], "msg_type": "fal_magic_call", "session": header["session"],
+                             "username": "", "date": "", "version": "5.3"}}
+        kernel = self.shell.kernel
+        for target in (sys.stdout, sys.stderr, self.shell.display_pub):
+            if hasattr(target, "set_parent"):
+                target.set_parent(parent)
+        if self.shm_dir and self.arena is None:
+            self.arena = Arena(self.shm_dir, "k")
+        if self.arena is not None:
+            self.arena.give_back(header.get("free", []))  # segments of ours the host no longer maps
+        segments = {}
+        frames = list(frames)
+        for index, (name, size) in header.get("shm", {}).items():
+            segments[name] = shm_map(self.shm_dir, name, size)
+            frames[int(index)] = memoryview(segments[name])
+        # ipykernel ignores SIGINT between requests; during a call it must raise KeyboardInterrupt. The
+        # host hears that the call has begun once an interrupt would reach it: a kernel that dies before
+        # that point did not run the call, which may then run elsewhere.
+        saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            reply, out = self.run({"op": "call", "id": header["id"]}, frames, lambda: sock.send(BEGUN))
+        finally:
+            signal.signal(signal.SIGINT, saved)
+        del frames
+        if self.arena is not None:  # (without it, no segments either)
+            reply["shm"], reply["free"] = results_to_shm(self.arena, self.held, out, segments)
+        kernel.session.send(kernel.iopub_socket, "status", {"execution_state": "idle"}, parent=parent,
+                            ident=b"status")
+        sock.send_multipart([json.dumps(reply).encode(), *out], copy=False)
+
+    def op_call(self, data: dict[str, Any], buffers: list[Any]) -> Any:
+        """Run a pickled ``(function, args, kwargs)``."""
+        fn, args, kwargs = loads(buffers)
+        return fn(*args, **kwargs)
+
+    def op_push(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        """Set variables in the kernel's namespace (``%%isolated --push``)."""
+        self.shell.user_ns.update(loads(buffers))
+
+    def op_pull(self, data: dict[str, Any], buffers: list[Any]) -> dict[str, Any]:
+        """Fetch variables from the kernel's namespace (``%%isolated --pull``)."""
+        missing = [n for n in data["names"] if n not in self.shell.user_ns]
+        if missing:
+            raise NameError(f"not defined in the isolated kernel: {', '.join(missing)}")
+        return {n: self.shell.user_ns[n] for n in data["names"]}
+
+
+_fault_log: Any = None
+
+
+def install(shell: Any) -> None:
+    """Register the comm target in this kernel, and dump tracebacks on fatal signals (a segfault)
+    into the kernel's log file, whose tail the host reports when the kernel dies."""
+    global _fault_log
+    if os.environ.get(_broker.BROKER_ENV):
+        _broker.broker = _broker.Broker(os.environ[_broker.BROKER_ENV], shell.kernel.session.key)
+    log_path = os.environ.get("FAL_MAGIC_KERNEL_LOG")
+    _fault_log = open(log_path, "a") if log_path else sys.__stderr__
+    faulthandler.enable(file=_fault_log, all_threads=False)  # the crashing thread: the tail stays short
+    capture_stdout(shell)
+    if os.environ.get(HEAD_ENV):  # a kernel on a cluster host
+        watch_head()
+    runtime = Runtime(shell)
+    shell.kernel.comm_manager.register_target(COMM_TARGET, runtime.open)
+    if os.environ.get(FAST_ENV):
+        runtime.fast = FastChannel(runtime.serve_fast, os.environ[FAST_ENV], shell.kernel.session.key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -42,8 +43,8 @@ def test_v1_framing_matches_jupyter_servers():
 def test_the_server_extension_is_enabled_by_installing_fal_magic():
     listed = subprocess.run([sys.executable, "-m", "jupyter_server", "extension", "list"], capture_output=True,
                             text=True, timeout=120)
-    text = listed.stdout + listed.stderr
-    assert "fal_magic enabled" in text and "fal_magic  OK" in text, text
+    text = re.sub(r"\x1b\[[0-9;]*m", "", listed.stdout + listed.stderr)
+    assert re.search(r"fal_magic\s+enabled", text) and re.search(r"fal_magic [0-9.]+\s+OK", text), text
 
 
 def test_decorator_runs_on_the_server_warm_and_streams_output(remote, server, capsys, caplog):

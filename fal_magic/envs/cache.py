@@ -35,8 +35,10 @@ from .local import LocalPackage
 from ..masking import mask_credentials
 from .spec import EnvSpec, describe_requirements
 
-if sys.platform != "win32":  # (Windows: no environments on this machine, see platforms.py)
+try:
     import fcntl
+except ImportError:  # Windows: no environments on this machine (see platforms.py)
+    pass
 
 MARKER = "fal_magic-env.json"
 

@@ -11,7 +11,6 @@ import hmac
 import json
 import os
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -35,8 +34,10 @@ from .protocol import (LIVENESS_PERIOD, bootstrap_from, check_hello, comm_open, 
                        msg_counter, write_runtime)
 from .request import serve
 
-if sys.platform != "win32":  # (Windows: no kernels on this machine, see platforms.py)
+try:
     import resource
+except ImportError:  # Windows: no kernels on this machine (see platforms.py)
+    pass
 
 _context: zmq.Context | None = None
 _context_pid = 0

@@ -19,6 +19,7 @@ from typing import Any, TypedDict
 from fal_magic_inside.broker import isolated_proxy, register_runner
 from fal_magic_inside.runtime import map_chunk
 
+from . import debugging
 from .config import settings
 from .envs import EnvSpec, spec_for
 from .envs.reqfile import Requirements
@@ -222,7 +223,11 @@ class IsolatedFunction:
             status.finish(ok=False)
             raise
         status.finish()
-        return load_result(reply.content, reply.buffers, self.spec.requirements, self.func)
+        try:
+            return load_result(reply.content, reply.buffers, self.spec.requirements, self.func)
+        except Exception as exc:
+            debugging.tag(exc, reply.kernel_id)  # %debug then opens in that kernel
+            raise
 
     def _status(self) -> StatusLine:
         return StatusLine(describe_requirements(self.spec.requirements))

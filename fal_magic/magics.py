@@ -13,6 +13,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from . import debugging
 from .config import FalMagic, settings
 from .envs import spec_for
 from .envs.spec import describe_requirements
@@ -162,7 +163,9 @@ class IsolatedMagics(Magics):
                 interrupted = KeyboardInterrupt("the isolated cell was interrupted")
                 attach(interrupted, lambda: lines)  # where the cell's code stopped, not fal_magic's frames
                 raise interrupted
-            raise remote_cell_error(reply.get("ename", "Error"), reply.get("evalue", ""), "\n".join(lines))
+            error = remote_cell_error(reply.get("ename", "Error"), reply.get("evalue", ""), "\n".join(lines))
+            debugging.tag(error, kernel.id)
+            raise error
         shell.user_ns.update(pulled)
         if sink.result is not None:
             return RemoteValue(sink.result.get("data", {}), sink.result.get("metadata", {}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import sys
+import threading
 from typing import Any, Protocol
 
 
@@ -20,6 +21,15 @@ class OutputSink(Protocol):
     def display(self, msg_type: str, content: dict[str, Any]) -> None: ...
 
     def clear(self, wait: bool) -> None: ...
+
+    def ask(self, prompt: str, password: bool) -> str:
+        """What the person answers to ``prompt`` (hidden when ``password``), asked where the caller would
+        ask; raises what ``input()`` raises there."""
+        ...
+
+    def can_ask(self) -> bool:
+        """Whether ``ask`` can reach a person (a frontend with stdin, a terminal)."""
+        ...
 
 
 def ipython_shell() -> Any:
@@ -49,6 +59,33 @@ class CallerOutput:
     def clear(self, wait: bool) -> None:
         """The kernel cleared its output (progress bars do): clear the calling cell's, in a notebook."""
         self._context.run(self._clear, wait)
+
+    def ask(self, prompt: str, password: bool) -> str:
+        """Ask as ``input()`` or ``getpass.getpass()`` would in the calling cell: its input box in a
+        notebook, the terminal in IPython or a script; raises what they raise there (EOFError with stdin
+        closed, StdinNotImplementedError where the frontend sends no input, as nbclient does). A call
+        running in the background (``.map``, ``.submit``) cannot ask: no cell is waiting for it."""
+        if threading.current_thread() is not threading.main_thread():
+            from IPython.core.error import StdinNotImplementedError
+
+            raise StdinNotImplementedError(
+                "input() in an isolated call that runs in the background (.map, .submit) cannot be answered: "
+                "call the function directly to use input(), getpass() or a debugger")
+        return self._context.run(self._ask, prompt, password)
+
+    @staticmethod
+    def _ask(prompt: str, password: bool) -> str:
+        if password:
+            import getpass
+
+            return getpass.getpass(prompt)
+        return input(prompt)
+
+    def can_ask(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        kernel = getattr(ipython_shell(), "kernel", None)
+        return bool(getattr(kernel, "_allow_stdin", True))  # a notebook's cell says; a terminal can
 
     @staticmethod
     def _clear(wait: bool) -> None:

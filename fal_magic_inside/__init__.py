@@ -9,6 +9,7 @@ the host's ``fal_magic``: ``tests/test_layout.py`` holds it to that.
 - ``shm``: shared-memory segments (an arena per side) and server blobs for large buffers
 - ``cached``: ``@cached``, results kept in the warm kernel
 - ``capture``: what subprocesses write to descriptor 1, drained into the call's output
+- ``stdin``: ``input()``, ``getpass()``, ``sys.stdin`` and debuggers in a call ask the host
 - ``broker``: nested isolated calls, asked of the host (and the proxy an isolated function becomes)
 - ``channel``: the kernel's own socket for calls (the local fast channel)
 - ``head``: a cluster host's kernel ends when its server is gone

@@ -9,12 +9,14 @@ under the call's own message and an interrupt reaches it.
 """
 from __future__ import annotations
 
+import bdb
 import faulthandler
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import cloudpickle
@@ -25,6 +27,8 @@ from .channel import BEGUN, FAST_ENV, FastChannel
 from .frames import describe_exception, dumps, loads, type_name, without_runtime_frames
 from .head import HEAD_ENV, watch_head
 from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
+from .sources import relabel
+from .stdin import Asker, asking
 
 COMM_TARGET = "fal_magic"
 
@@ -53,6 +57,8 @@ class Runtime:
         self.shm_dir = os.environ.get(SHM_ENV, "")
         self.arena: Arena | None = None  # this kernel's segments for large results
         self.held: dict[str, Any] = {}  # the host's segments this kernel still maps (its objects use them)
+        self.asker: Asker | None = None  # the running request's line to the host's stdin
+        self.last_files: dict[str, str] = {}  # the files of the last call that raised (for a post-mortem)
 
     def open(self, comm: Any, msg: dict[str, Any]) -> None:
         """A host connected: tell it who we are so it can check versions before any pickle crosses."""
@@ -87,16 +93,18 @@ class Runtime:
             directory, name = os.path.split(path)
             uploaded[name] = shm_map(directory, name, os.stat(path).st_size)
             buffers[int(index)] = memoryview(uploaded[name])
-        reply, frames = self.run(data, buffers)
+        kernel = self.shell.kernel
+        reply, frames = self.run(data, buffers, stdin=(kernel._parent_ident["shell"], kernel.get_parent("shell")))
         del buffers
         if data.get("blob_dir"):  # large results wait on the server for the host to fetch them
             reply["blobs"] = results_to_blobs(data["blob_dir"], frames, uploaded)
         comm.send(reply, buffers=frames)
 
-    def run(self, data: dict[str, Any], buffers: list[Any],
-            begin: Callable[[], Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
+    def run(self, data: dict[str, Any], buffers: list[Any], begin: Callable[[], Any] | None = None,
+            stdin: tuple[Any, dict[str, Any]] | None = None) -> tuple[dict[str, Any], list[Any]]:
         """Run one request; return the reply and the pickled value or the exception described.
-        ``begin`` is called first, where an interrupt already counts as the request's own."""
+        ``begin`` is called first, where an interrupt already counts as the request's own; with
+        ``stdin`` (the host's identity and the request's message), the code may ask the host for input."""
         reply: dict[str, Any] = {"op": "result", "id": data.get("id")}
         frames: list[Any] = []
         try:
@@ -106,10 +114,17 @@ class Runtime:
                 operation = getattr(self, "op_" + str(data.get("op")), None)
                 if operation is None:
                     raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
-                result = operation(data, buffers)
+                with asking(self.shell.kernel, *stdin) if stdin is not None else nullcontext() as asker:
+                    self.asker = asker
+                    result = operation(data, buffers)
             except BaseException as exc:  # the user's error, KeyboardInterrupt included
+                if isinstance(exc, bdb.BdbQuit) and self.asker is not None and self.asker.interrupted:
+                    exc = KeyboardInterrupt("interrupted in the debugger")  # what the stop button meant
                 reply.update(ok=False, kind="exception")
                 frames = dumps(describe_exception(without_runtime_frames(exc)))
+                if data.get("op") == "call":  # kept for a post-mortem debugger, as a cell's error is kept
+                    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
+                    self.last_files = self.asker.files if self.asker is not None else {}
             else:
                 try:
                     frames = dumps(result)
@@ -159,7 +174,8 @@ class Runtime:
         # that point did not run the call, which may then run elsewhere.
         saved = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            reply, out = self.run({"op": "call", "id": header["id"]}, frames, lambda: sock.send(BEGUN))
+            reply, out = self.run({"op": "call", "id": header["id"]}, frames, lambda: sock.send(BEGUN),
+                                  stdin=([header["session"].encode()], parent))
         finally:
             signal.signal(signal.SIGINT, saved)
         del frames
@@ -170,9 +186,30 @@ class Runtime:
         sock.send_multipart([json.dumps(reply).encode(), *out], copy=False)
 
     def op_call(self, data: dict[str, Any], buffers: list[Any]) -> Any:
-        """Run a pickled ``(function, args, kwargs)``."""
-        fn, args, kwargs = loads(buffers)
+        """Run a pickled ``(function, args, kwargs)``; the last exception kept for a debugger goes."""
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            if hasattr(sys, name):
+                delattr(sys, name)
+        fn, args, kwargs, files = loads(buffers)
+        relabel(args[0] if fn is map_chunk else fn, files)  # tracebacks and debuggers name the real files
+        if self.asker is not None:
+            self.asker.files = files
         return fn(*args, **kwargs)
+
+    def op_post_mortem(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        """A post-mortem debugger (IPython's, as ``%debug`` opens) on the last exception of this kernel's
+        last call or cell, at its innermost frame; its commands are asked of the host."""
+        tb = getattr(sys, "last_traceback", None)
+        if tb is None:
+            print("fal_magic: this kernel has no exception to debug (its last call or cell succeeded)")
+            return
+        from IPython.core.debugger import Pdb
+
+        if self.asker is not None:
+            self.asker.files = self.last_files
+        debugger: Any = Pdb()
+        debugger.reset()
+        debugger.interaction(None, tb)
 
     def op_push(self, data: dict[str, Any], buffers: list[Any]) -> None:
         """Set variables in the kernel's namespace (``%%isolated --push``)."""

@@ -91,6 +91,8 @@ class Reply:
 
     content: dict[str, Any]
     buffers: list[Any] = field(default_factory=list)
+    #: The kernel that served it (set by the pool): where a post-mortem debugger finds the exception.
+    kernel_id: str | None = None
 
 
 def slot_name(key: str, host: str | None, env_tag: str = "", machine_type: str | None = None) -> str:
@@ -170,13 +172,23 @@ class Kernel(abc.ABC):
         """Set variables in the kernel's namespace from a pickled dict (``%%isolated --push``)."""
         return self._runtime_request("push", frames, sink, grace)
 
+    def post_mortem(self, sink: OutputSink, grace: float) -> Reply:
+        """Debug the last exception of the kernel's last call or cell, in the kernel, with the person
+        at ``sink`` (a debugger session that reads its commands through the stdin bridge)."""
+        return self._runtime_request("post_mortem", [], sink, grace)
+
     def pull(self, names: list[str], sink: OutputSink, grace: float) -> Reply:
         """Fetch variables from the kernel's namespace (``%%isolated --pull``), pickled as a dict."""
         return self._runtime_request("pull", [], sink, grace, names=names)
 
     @abc.abstractmethod
+    def answer_input(self, value: str) -> None:
+        """Reply to the running code's ``input_request`` (on the kernel's stdin channel) with ``value``."""
+
+    @abc.abstractmethod
     def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
-        """Run cell source in the kernel's namespace; the execute_reply content."""
+        """Run cell source in the kernel's namespace; the execute_reply content. The cell may ask for
+        input when ``sink.can_ask()``, as a local cell may when its frontend allows stdin."""
 
     @abc.abstractmethod
     def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,

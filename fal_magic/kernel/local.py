@@ -189,9 +189,9 @@ class LocalKernel(Kernel):
         self.pid = getattr(km.provisioner, "pid", None)
         try:
             self.kc = km.client(context=zmq_context())
-            # shell and iopub only: no stdin (cells run with allow_stdin=False), no heartbeat (liveness
+            # shell, iopub and stdin (code that asks for input): no heartbeat (liveness
             # is read from the process), no control (interrupts are signals): fewer descriptors
-            self.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+            self.kc.start_channels(shell=True, iopub=True, stdin=True, hb=False, control=False)
             self._bootstrap(timeout, fast_address)
         except BaseException as exc:
             tail = _tail(self.log_path)
@@ -450,8 +450,11 @@ class LocalKernel(Kernel):
     def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
         self.calls += 1
         self.cells += 1
-        msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=False)
+        msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=sink.can_ask())
         return serve(self, msg_id, sink, grace, "shell")
+
+    def answer_input(self, value: str) -> None:
+        self.kc.input(value)
 
     # -- the transport of the request loop ----------------------------------------------------
 
@@ -475,10 +478,10 @@ class LocalKernel(Kernel):
 
     def next_event(self, timeout: float, sink: OutputSink,
                    nested: NestedHandler | None) -> tuple[str, Any] | None:
-        iopub, shell = self.kc.iopub_channel.socket, self.kc.shell_channel.socket
+        iopub, shell, stdin = self.kc.iopub_channel.socket, self.kc.shell_channel.socket, self.kc.stdin_channel.socket
         if self._poller is None:  # the sockets stay the same for the kernel's life
             self._poller = zmq.Poller()
-            for sock in (iopub, shell, self.broker, self.fast):
+            for sock in (iopub, shell, stdin, self.broker, self.fast):
                 if sock is not None:
                     self._poller.register(sock, zmq.POLLIN)
         ready = dict(self._poller.poll(int(timeout * 1000)))
@@ -489,7 +492,7 @@ class LocalKernel(Kernel):
             if head.bytes == BEGUN:
                 return "begun", None
             return "reply", Reply(json.loads(head.bytes), buffers)
-        for channel, sock in (("iopub", iopub), ("shell", shell)):
+        for channel, sock in (("iopub", iopub), ("shell", shell), ("stdin", stdin)):
             if sock in ready:
                 m = self._recv(sock)
                 if m is not None:

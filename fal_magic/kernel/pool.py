@@ -276,13 +276,39 @@ class KernelPool:
         environment (``chain`` holds the keys of the calls it is nested in).
         """
         nested = self._nested_calls((*chain, spec.key))
-        try:
+
+        def once() -> Reply:
             with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host, env=env) as kernel:
-                return kernel.call(frames, sink, self.config.interrupt_grace, nested)
+                reply = kernel.call(frames, sink, self.config.interrupt_grace, nested)
+                reply.kernel_id = kernel.id
+                return reply
+
+        try:
+            return once()
         except NotStartedError:
-            pass
-        with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host, env=env) as kernel:
-            return kernel.call(frames, sink, self.config.interrupt_grace, nested)
+            return once()
+
+    @contextmanager
+    def lease_by_id(self, kernel_id: str) -> Iterator[Kernel | None]:
+        """Lease the kernel ``kernel_id`` itself once it is idle (None if it is gone), keeping its deadline."""
+        with self._cond:
+            while True:
+                found = next((k for ks in self._kernels.values() for k in ks if k.id == kernel_id), None)
+                if found is None or found.state == "idle":
+                    break
+                if found.state in ("dead", "stopping"):
+                    found = None
+                    break
+                self._cond.wait()
+            if found is not None:
+                found.state = "busy"
+        if found is None:
+            yield None
+            return
+        try:
+            yield found
+        finally:
+            self.release(found, 0.0)
 
     def _nested_calls(self, chain: tuple[str, ...]) -> NestedHandler:
         """Serve isolated calls made inside a call: the host brokers them, so kernels never start kernels."""

@@ -436,11 +436,11 @@ class RemoteKernel(Kernel):
                 reply.buffers[int(index)] = fetched[name]
         return reply
 
-    def _execute_request(self, code: str, silent: bool) -> dict[str, Any]:
+    def _execute_request(self, code: str, silent: bool, allow_stdin: bool = False) -> dict[str, Any]:
         """An execute_request as ``KernelClient.execute`` makes it (a silent one stays out of history)."""
         return self.session.msg("execute_request", {
             "code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
-            "allow_stdin": False, "stop_on_error": True})
+            "allow_stdin": allow_stdin, "stop_on_error": True})
 
     def _comm_msg(self, data: dict[str, Any]) -> dict[str, Any]:
         return self.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
@@ -448,8 +448,11 @@ class RemoteKernel(Kernel):
     def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
         self.calls += 1
         self.cells += 1
-        msg_id = self._send("shell", self._execute_request(code, silent=False))
+        msg_id = self._send("shell", self._execute_request(code, silent=False, allow_stdin=sink.can_ask()))
         return serve(self, msg_id, sink, grace, "shell")
+
+    def answer_input(self, value: str) -> None:
+        self._send("stdin", self.session.msg("input_reply", {"value": value}))
 
     # -- the transport of the request loop ----------------------------------------------------
 

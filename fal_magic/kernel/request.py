@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+from fal_magic_inside import sources
+from fal_magic_inside.stdin import error_reply
+
 from ..errors import KernelDiedError
 from ..outputs import OutputSink
 from .contract import Kernel, NestedHandler, NotStartedError, Reply
@@ -116,7 +119,9 @@ def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: Re
                     last_check = now
                     _check_liveness(kernel, tracker.begun)
                     _check_grace(kernel, interrupted_at, grace)
-                if event is not None and tracker.feed(*event):
+                if event is not None and event[0] == "stdin":
+                    _answer(kernel, tracker, event[1], nested)
+                elif event is not None and tracker.feed(*event):
                     return tracker.result()
                 if stop is not None and stop.is_set() and interrupted_at is None and tracker.begun:
                     interrupted_at = _ctrl_c(kernel, None)  # (before it began, the kernel would ignore it)
@@ -124,6 +129,28 @@ def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: Re
                 interrupted_at = _ctrl_c(kernel, interrupted_at)
     finally:
         kernel.last_used = time.time()
+
+
+def _answer(kernel: Kernel, tracker: RequestTracker, message: Any, nested: NestedHandler | None) -> None:
+    """The running code asks for input (``input()``, ``getpass()``, a debugger's prompt): ask the caller,
+    after forwarding what the code printed before it asked, and reply with the answer, or with the
+    caller's error (a cell, which ipykernel itself asks for, only knows end of input)."""
+    if message["msg_type"] != "input_request" or message["parent_header"].get("msg_id") != tracker.msg_id:
+        return
+    for _ in range(100):  # what is already on its way: printed before the question
+        event = kernel.next_event(0.01, tracker.sink, nested)
+        if event is None or event[0] == "stdin":
+            break
+        tracker.feed(*event)
+    content = message["content"]
+    if content.get("prompt", "").startswith(sources.SOURCES_PREFIX):  # lines for a debugger, not a question
+        kernel.answer_input(sources.answer(content["prompt"]))
+        return
+    try:
+        value = tracker.sink.ask(content.get("prompt", ""), bool(content.get("password")))
+    except Exception as exc:  # (KeyboardInterrupt goes on: serve() interrupts the kernel)
+        value = "\x04" if tracker.route == "shell" else error_reply(exc)
+    kernel.answer_input(value)
 
 
 def _check_liveness(kernel: Kernel, begun: bool) -> None:

@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 import types
+import weakref
 from typing import Any, Callable, Sequence
 
 import cloudpickle
@@ -50,9 +51,10 @@ def dump_call(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], via: Ca
                 pass
         try:
             try:
+                files = _files_of(fn)  # the kernel puts the real file names back (sources.relabel)
                 if via is not None:
-                    return dumps((via, (fn, *args), dict(kwargs)))
-                return dumps((fn, tuple(args), dict(kwargs)))
+                    return dumps((via, (fn, *args), dict(kwargs), files))
+                return dumps((fn, tuple(args), dict(kwargs), files))
             except Exception as exc:
                 raise SerializationError(_culprit(fn, args, kwargs, exc)) from exc
         finally:
@@ -112,6 +114,23 @@ def _culprit(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], exc: Exc
                 return (f"{name}() uses the global {var!r}, of type {type_name(globs[var])}, "
                         f"which cannot be pickled ({type(exc).__name__}: {exc})")
     return f"function {name}() cannot be pickled ({type(exc).__name__}: {exc})"
+
+
+_files: weakref.WeakKeyDictionary[Callable, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _files_of(fn: Callable) -> dict[str, str]:
+    """``code_files(fn)``, once per function."""
+    try:
+        return _files[fn]
+    except (KeyError, TypeError):
+        pass
+    found = code_files(fn)
+    try:
+        _files[fn] = found
+    except TypeError:  # not weakly referenceable
+        pass
+    return found
 
 
 _DYNAMIC_FRAME = re.compile(r'^(\s*)File "<dynamic-code>", line (\d+), in (\S+)$', re.M)

@@ -27,7 +27,7 @@ from .channel import BEGUN, FAST_ENV, FastChannel
 from .frames import describe_exception, dumps, loads, type_name, without_runtime_frames
 from .head import HEAD_ENV, watch_head
 from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
-from .sources import relabel
+from .sources import may_debug, relabel
 from .stdin import Asker, asking
 
 COMM_TARGET = "fal_magic"
@@ -191,9 +191,12 @@ class Runtime:
             if hasattr(sys, name):
                 delattr(sys, name)
         fn, args, kwargs, files = loads(buffers)
-        relabel(args[0] if fn is map_chunk else fn, files)  # tracebacks and debuggers name the real files
+        user_fn = args[0] if fn is map_chunk else fn
+        relabel(user_fn, files)  # tracebacks and debuggers name the real files
         if self.asker is not None:
             self.asker.files = files
+            if may_debug(user_fn, files):  # a debugger shows the source from its first stop
+                self.asker.fetch_sources()
         return fn(*args, **kwargs)
 
     def op_post_mortem(self, data: dict[str, Any], buffers: list[Any]) -> None:
@@ -207,6 +210,7 @@ class Runtime:
 
         if self.asker is not None:
             self.asker.files = self.last_files
+            self.asker.fetch_sources()
         debugger: Any = Pdb()
         debugger.reset()
         debugger.interaction(None, tb)

@@ -35,6 +35,24 @@ def relabel(fn: Any, files: dict[str, str]) -> None:
             function.__code__ = _relabelled(code, files)
 
 
+def _names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def may_debug(fn: Any, files: dict[str, str]) -> bool:
+    """Whether ``fn`` (or a function of its module it may call) names a debugger's entry point: its
+    lines are then fetched before the call runs, so that a debugger shows them from its first stop."""
+    entry = {"breakpoint", "set_trace", "post_mortem"}
+    functions = [fn, *(v for v in getattr(fn, "__globals__", {}).values()
+                       if isinstance(v, types.FunctionType) and v.__code__.co_name in files)]
+    codes = [f.__code__ for f in functions if isinstance(getattr(f, "__code__", None), types.CodeType)]
+    return any(entry & _names(code) for code in codes)
+
+
 def request(files: dict[str, str]) -> str | None:
     """The prompt that asks the host for the lines of ``files`` this kernel cannot read; None if none."""
     wanted = sorted({f for f in files.values() if not linecache.getlines(f)})

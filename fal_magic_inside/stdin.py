@@ -55,10 +55,7 @@ class Asker:
         from .capture import drain_captured_output
 
         drain_captured_output()  # what the code printed before it asked comes first
-        wanted = sources.request(self.files)
-        if wanted is not None:  # the first question of the call (a debugger's, maybe): source lines first
-            self.files = {}
-            sources.install(self.kernel._input_request(wanted, self.ident, self.parent, password=False))
+        self.fetch_sources()  # the first question of the call (a debugger's, maybe): source lines first
         try:
             value: str = self.kernel._input_request(str(prompt), self.ident, self.parent, password=password)
         except KeyboardInterrupt:
@@ -70,6 +67,13 @@ class Asker:
         if value.startswith(ERROR_PREFIX):
             raise _error(value)
         return value
+
+    def fetch_sources(self) -> None:
+        """Get the lines of the request's files that this kernel cannot read from the host (once)."""
+        wanted = sources.request(self.files)
+        self.files = {}
+        if wanted is not None:
+            sources.install(self.kernel._input_request(wanted, self.ident, self.parent, password=False))
 
     def input(self, prompt: object = "") -> str:
         return self.ask(prompt)

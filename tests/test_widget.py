@@ -277,3 +277,48 @@ def test_progress_results_and_errors_read_well_in_jupyterlab(lab, tmp_path):
         # the print reaches the cell that started the call, not the one running when it came
         cells.nth(4).locator(".jp-OutputArea-output", has_text="said in the background").wait_for(timeout=30_000)
         assert "said in the background" not in cells.nth(5).locator(".jp-OutputArea").inner_text()
+
+
+def test_isolated_code_asks_in_the_calling_cell_in_jupyterlab(lab, tmp_path):
+    """input() and a password prompt from an isolated function appear as the cell's input boxes (the
+    password hidden), and breakpoint() gives a debugger prompt there: a person types, the code goes on."""
+    notebook = {**NOTEBOOK, "cells": [
+        _code_cell("from fal_magic import isolated\n\n@isolated(keep_alive=60)\ndef sign_up():\n"
+                   "    import getpass\n    name = input('your name? ')\n    key = getpass.getpass('API key: ')\n"
+                   "    return f'{name} signed up with a key of {len(key)} characters'\n\nsign_up()"),
+        _code_cell("@isolated(keep_alive=60)\ndef scale(values):\n    factor = 3\n    breakpoint()\n"
+                   "    return [v * factor for v in values]\n\nscale([1, 2])"),
+    ]}
+    (tmp_path / "lab" / "asking.ipynb").write_text(json.dumps(notebook))
+    shots = os.environ.get("FAL_MAGIC_SCREENSHOT_DIR") or str(tmp_path)
+    with _notebook_page(lab, "asking.ipynb", width=1100, height=800) as page:
+        cells = page.locator(".jp-NotebookPanel:visible .jp-CodeCell")
+        cells.nth(0).click()
+        page.keyboard.press("Shift+Enter")
+        box = cells.nth(0).locator(".jp-Stdin", has_text="your name?").locator("input")
+        box.wait_for(timeout=120_000)
+        box.fill("Ada")
+        box.press("Enter")
+        secret = cells.nth(0).locator(".jp-Stdin", has_text="API key:").locator("input")
+        secret.wait_for(timeout=60_000)
+        assert secret.get_attribute("type") == "password"  # hidden, as getpass() is in a local cell
+        secret.fill("sk-12345")
+        secret.press("Enter")
+        cells.nth(0).locator(".jp-OutputArea-output", has_text="Ada signed up with a key of 8 characters").wait_for(
+            timeout=60_000)
+        assert "sk-12345" not in cells.nth(0).inner_text()
+
+        cells.nth(1).click()  # (the focus went with the answered input box)
+        page.keyboard.press("Shift+Enter")
+        prompt = cells.nth(1).locator(".jp-Stdin", has_text="ipdb>").last.locator("input")
+        prompt.wait_for(timeout=60_000)
+        prompt.fill("p factor, values")
+        prompt.press("Enter")
+        cells.nth(1).locator(".jp-OutputArea-output", has_text="(3, [1, 2])").wait_for(timeout=60_000)
+        assert "----> 5" in cells.nth(1).locator(".jp-OutputArea").inner_text()  # the remote source, as ipdb shows it
+        page.locator(".jp-NotebookPanel:visible .jp-Notebook").screenshot(path=os.path.join(shots, "asking.png"))
+        prompt = cells.nth(1).locator(".jp-Stdin input").last
+        prompt.wait_for(timeout=60_000)
+        prompt.fill("c")
+        prompt.press("Enter")
+        cells.nth(1).locator(".jp-OutputArea-output", has_text="[3, 6]").wait_for(timeout=60_000)

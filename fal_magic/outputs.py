@@ -31,6 +31,10 @@ class OutputSink(Protocol):
         """Whether ``ask`` can reach a person (a frontend with stdin, a terminal)."""
         ...
 
+    def comm(self, kernel: Any, message: dict[str, Any]) -> None:
+        """A comm message (a widget's) that ``kernel`` published for the request."""
+        ...
+
 
 def ipython_shell() -> Any:
     """The running IPython shell, or None in a plain interpreter."""
@@ -80,6 +84,18 @@ class CallerOutput:
 
             return getpass.getpass(prompt)
         return input(prompt)
+
+    def comm(self, kernel: Any, message: dict[str, Any]) -> None:
+        """A widget's comm message: bridged to the notebook's frontend (``comms.py``), in the caller's
+        context, where there is a frontend; elsewhere a widget cannot be shown (its text form is)."""
+        from . import comms
+
+        if self._context.run(comms.can_bridge):
+            self._context.run(comms.from_kernel, kernel, message, self)
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the caller's context (what it displays or sends goes to the caller's cell)."""
+        return self._context.run(fn, *args)
 
     def can_ask(self) -> bool:
         if threading.current_thread() is not threading.main_thread():

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import bdb
 import faulthandler
+import importlib.util
 import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -160,6 +162,7 @@ class Runtime:
         for target in (sys.stdout, sys.stderr, self.shell.display_pub):
             if hasattr(target, "set_parent"):
                 target.set_parent(parent)
+        kernel.set_parent([header["session"].encode()], parent, "shell")  # comms (widgets) publish under it
         if self.shm_dir and self.arena is None:
             self.arena = Arena(self.shm_dir, "k")
         if self.arena is not None:
@@ -240,6 +243,8 @@ def install(shell: Any) -> None:
     _fault_log = open(log_path, "a") if log_path else sys.__stderr__
     faulthandler.enable(file=_fault_log, all_threads=False)  # the crashing thread: the tail stays short
     capture_stdout(shell)
+    if importlib.util.find_spec("ipywidgets") is None:  # tqdm.auto then prints a text bar: without a warning
+        warnings.filterwarnings("ignore", message="IProgress not found")  # that advises the notebook's ipywidgets
     if os.environ.get(HEAD_ENV):  # a kernel on a cluster host
         watch_head()
     runtime = Runtime(shell)

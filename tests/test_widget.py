@@ -322,3 +322,40 @@ def test_isolated_code_asks_in_the_calling_cell_in_jupyterlab(lab, tmp_path):
         prompt.fill("c")
         prompt.press("Enter")
         cells.nth(1).locator(".jp-OutputArea-output", has_text="[3, 6]").wait_for(timeout=60_000)
+
+
+def test_a_widget_from_an_isolated_kernel_is_live_in_jupyterlab(lab, tmp_path):
+    """A slider made in an isolated kernel renders in the calling cell; moving it (the keyboard, as a
+    person may) runs its callback in the isolated kernel, whose print appears in that cell."""
+    notebook = {**NOTEBOOK, "cells": [
+        _code_cell("from fal_magic import isolated\n\n@isolated(keep_alive=120, requirements=['ipywidgets'])\n"
+                   "def slider():\n    import ipywidgets as widgets\n    from IPython.display import display\n\n"
+                   "    s = widgets.IntSlider(value=5, description='threshold')\n"
+                   "    s.observe(lambda change: print('threshold is now', change['new']), names='value')\n"
+                   "    display(s)\n\nslider()"),
+        _code_cell("@isolated(keep_alive=120, requirements=['ipywidgets', 'tqdm'])\ndef count(n):\n"
+                   "    import time\n    from tqdm.auto import tqdm\n\n    for _ in tqdm(range(n), desc='rows'):\n"
+                   "        time.sleep(0.05)\n    return n\n\ncount(4)"),
+    ]}
+    (tmp_path / "lab" / "live.ipynb").write_text(json.dumps(notebook))
+    shots = os.environ.get("FAL_MAGIC_SCREENSHOT_DIR") or str(tmp_path)
+    with _notebook_page(lab, "live.ipynb", width=1000, height=820) as page:
+        cell = page.locator(".jp-NotebookPanel:visible .jp-CodeCell").first
+        cell.click()
+        page.keyboard.press("Shift+Enter")
+        handle = cell.locator(".widget-slider .noUi-handle")
+        handle.wait_for(timeout=180_000)
+        assert cell.locator(".widget-readout").inner_text().strip() == "5"
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight")
+        cell.locator(".jp-OutputArea-output", has_text="threshold is now 7").wait_for(timeout=60_000)
+        assert cell.locator(".widget-readout").inner_text().strip() == "7"
+
+        bar = page.locator(".jp-NotebookPanel:visible .jp-CodeCell").nth(1)
+        bar.click()
+        page.keyboard.press("Shift+Enter")  # tqdm.auto: a widget bar, as in a local cell
+        bar.locator(".widget-hprogress").wait_for(timeout=180_000)
+        bar.locator(".widget-html", has_text="4/4").wait_for(timeout=60_000)
+        assert "TqdmWarning" not in bar.inner_text()
+        page.locator(".jp-NotebookPanel:visible .jp-Notebook").screenshot(path=os.path.join(shots, "live-widget.png"))

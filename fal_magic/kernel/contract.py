@@ -36,6 +36,7 @@ class Message(TypedDict):
     header: dict[str, Any]
     parent_header: dict[str, Any]
     msg_type: str
+    metadata: dict[str, Any]
     content: dict[str, Any]
     buffers: list[Any]
 
@@ -127,6 +128,8 @@ class Kernel(abc.ABC):
         self.kill_reason: str | None = None
         self.comm_id = uuid.uuid4().hex
         self.env_tag = ""  # a keyed digest of its environment variables (set by the pool; never the values)
+        #: Called once the pool lets go of the kernel (culled, shut down, died): its widgets close.
+        self.on_forget: list[Callable[[], None]] = []
 
     @property
     def slot(self) -> str:
@@ -180,6 +183,12 @@ class Kernel(abc.ABC):
     def pull(self, names: list[str], sink: OutputSink, grace: float) -> Reply:
         """Fetch variables from the kernel's namespace (``%%isolated --pull``), pickled as a dict."""
         return self._runtime_request("pull", [], sink, grace, names=names)
+
+    @abc.abstractmethod
+    def comm_message(self, kind: str, comm_id: str, data: dict[str, Any], buffers: list[Any], sink: OutputSink,
+                     grace: float) -> None:
+        """Pass a frontend's ``comm_msg`` or ``comm_close`` to a comm in the kernel (a widget's), and serve
+        it until the kernel is idle again: what it prints or sends goes to ``sink``."""
 
     @abc.abstractmethod
     def answer_input(self, value: str) -> None:

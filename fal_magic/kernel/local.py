@@ -453,6 +453,12 @@ class LocalKernel(Kernel):
         msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=sink.can_ask())
         return serve(self, msg_id, sink, grace, "shell")
 
+    def comm_message(self, kind: str, comm_id: str, data: dict[str, Any], buffers: list[Any], sink: OutputSink,
+                     grace: float) -> None:
+        msg = self.kc.session.msg(kind, {"comm_id": comm_id, "data": data})
+        self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=buffers)
+        serve(self, msg["header"]["msg_id"], sink, grace, "message")
+
     def answer_input(self, value: str) -> None:
         self.kc.input(value)
 
@@ -472,9 +478,9 @@ class LocalKernel(Kernel):
         head = [part.bytes for part in parts[1:5]]
         if session.auth is not None and not hmac.compare_digest(session.sign(head), parts[0].bytes):
             return None  # not signed with our key: dropped, as Session.deserialize would refuse it
-        header, parent, _, content = (json.loads(b) for b in head)
+        header, parent, metadata, content = (json.loads(b) for b in head)
         return {"header": header, "parent_header": parent, "msg_type": header.get("msg_type", ""),
-                "content": content, "buffers": parts[5:]}
+                "metadata": metadata, "content": content, "buffers": parts[5:]}
 
     def next_event(self, timeout: float, sink: OutputSink,
                    nested: NestedHandler | None) -> tuple[str, Any] | None:

@@ -239,6 +239,8 @@ class KernelPool:
         kernels = self._kernels.get(kernel.slot, [])
         if kernel in kernels:
             kernels.remove(kernel)
+            for callback in kernel.on_forget:
+                callback()
             if kernel.cells and not asked and kernel.kill_reason is None:
                 self._lost_namespaces[kernel.slot] = "died" if kernel.state == "dead" else "was shut down"
         if not kernels and self._kernels.pop(kernel.slot, None) is not None:

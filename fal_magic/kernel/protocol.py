@@ -90,6 +90,9 @@ def write_runtime(directory: Path) -> Path:
     return root
 
 
+#: Comm messages (a widget's) that a kernel publishes, bridged to the caller's frontend.
+COMM_TYPES = ("comm_open", "comm_msg", "comm_close")
+
 #: Output message types forwarded to the caller as display outputs.
 DISPLAY_TYPES = ("display_data", "update_display_data", "execute_result")
 

@@ -317,9 +317,9 @@ class RemoteKernel(Kernel):
             if not isinstance(data, bytes) or not data:
                 continue
             channel, parts = unpack_v1(data)
-            header, parent, _, content = (json.loads(bytes(p)) for p in parts[:4])
+            header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[:4])
             m: Message = {"header": header, "parent_header": parent, "msg_type": header.get("msg_type", ""),
-                          "content": content, "buffers": list(parts[4:])}
+                          "metadata": metadata, "content": content, "buffers": list(parts[4:])}
             if channel == "iopub" and m["msg_type"] == "status" and \
                     content.get("execution_state") in ("restarting", "dead"):
                 reason = f"the server reports the kernel {content['execution_state']} (its process ended)"
@@ -450,6 +450,11 @@ class RemoteKernel(Kernel):
         self.cells += 1
         msg_id = self._send("shell", self._execute_request(code, silent=False, allow_stdin=sink.can_ask()))
         return serve(self, msg_id, sink, grace, "shell")
+
+    def comm_message(self, kind: str, comm_id: str, data: dict[str, Any], buffers: list[Any], sink: OutputSink,
+                     grace: float) -> None:
+        msg_id = self._send("shell", self.session.msg(kind, {"comm_id": comm_id, "data": data}), buffers)
+        serve(self, msg_id, sink, grace, "message")
 
     def answer_input(self, value: str) -> None:
         self._send("stdin", self.session.msg("input_reply", {"value": value}))

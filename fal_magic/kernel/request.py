@@ -20,11 +20,12 @@ from fal_magic_inside.stdin import error_reply
 from ..errors import KernelDiedError
 from ..outputs import OutputSink
 from .contract import Kernel, NestedHandler, NotStartedError, Reply
-from .protocol import LIVENESS_PERIOD, forward_output, is_runtime_reply
+from .protocol import COMM_TYPES, LIVENESS_PERIOD, forward_output, is_runtime_reply
 
 #: Where the end of a request comes from: the runtime's comm reply on iopub, an execute_reply on the
-#: shell channel, or a reply outside the Jupyter channels (the local fast channel).
-ReplyRoute = Literal["comm", "shell", "outside"]
+#: shell channel, or a reply outside the Jupyter channels (the local fast channel); a message without
+#: a reply (a frontend's message to a widget) ends when the kernel is idle again.
+ReplyRoute = Literal["comm", "shell", "outside", "message"]
 
 
 class Stop:
@@ -63,10 +64,11 @@ class RequestTracker:
     reply travels on iopub before that idle status, its reply has come.
     """
 
-    def __init__(self, msg_id: str, route: ReplyRoute, sink: OutputSink) -> None:
+    def __init__(self, msg_id: str, route: ReplyRoute, sink: OutputSink, kernel: Kernel) -> None:
         self.msg_id = msg_id
         self.route = route
         self.sink = sink
+        self.kernel = kernel
         self.begun = False  # outside the channels, the runtime says so; else the first message for it
         self.idle = False
         self.reply: Reply | None = None
@@ -87,13 +89,17 @@ class RequestTracker:
                 kind = message["msg_type"]
                 if forward_output(kind, content, self.sink):
                     pass
+                elif kind in COMM_TYPES and content.get("comm_id") != self.kernel.comm_id:  # a widget's
+                    self.sink.comm(self.kernel, message)
                 elif is_runtime_reply(kind, content):
                     self.reply = Reply(content["data"], message["buffers"])
                 elif kind == "status" and content["execution_state"] == "idle":
                     self.idle = True
-        return self.idle and (self.reply is not None or self.route == "comm")
+        return self.idle and (self.reply is not None or self.route in ("comm", "message"))
 
     def result(self) -> Reply:
+        if self.reply is None and self.route == "message":
+            return Reply({})
         if self.reply is None:
             raise KernelDiedError("the kernel finished the request without a reply from the fal_magic runtime")
         return self.reply
@@ -106,7 +112,7 @@ def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: Re
     The lease state (idle/busy) is the pool's business alone; this only ever marks a death. A death
     before the kernel began the request raises NotStartedError (the pool may retry it elsewhere).
     """
-    tracker = RequestTracker(msg_id, route, sink)
+    tracker = RequestTracker(msg_id, route, sink, kernel)
     interrupted_at: float | None = None
     stop: Stop | None = getattr(_current, "stop", None)
     last_check = time.monotonic()

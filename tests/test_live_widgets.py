@@ -1,0 +1,132 @@
+"""Widgets made in an isolated kernel are live in the calling notebook: through jupyter_client, this
+test is a notebook's frontend. It sees the widget's comm_open (with its state) and its view, moves the
+slider by sending the update a frontend sends, and sees the callback's print in the cell that made the
+widget, the kernel's echo of the new value, and the widget closed when its kernel ends."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+class Frontend:
+    """A notebook kernel, and this test as its frontend."""
+
+    def __init__(self) -> None:
+        from jupyter_client.manager import start_new_kernel
+
+        self.km, self.kc = start_new_kernel(kernel_name="python3")
+        self.messages: list[dict] = []
+
+    def run(self, code: str) -> str:
+        """Run a cell; its msg_id. Every iopub message is kept, whichever cell it belongs to (the
+        widget's messages belong to the cell that made it)."""
+        msg_id = self.kc.execute(code)
+        self.wait_for(lambda m: m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status"
+                      and m["content"]["execution_state"] == "idle", timeout=300)
+        error = [m for m in self.messages if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "error"]
+        assert not error, error[0]["content"]
+        return msg_id
+
+    def send(self, msg_type: str, content: dict) -> None:
+        self.kc.shell_channel.send(self.kc.session.msg(msg_type, content))
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> dict:
+        """The first iopub message (seen before or arriving within ``timeout``) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for m in self.messages:
+                if predicate(m):
+                    return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not seen: {[(m['msg_type'], m['content']) for m in self.messages][-20:]}")
+            try:
+                self.messages.append(self.kc.get_iopub_msg(timeout=0.5))
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def frontend():
+    f = Frontend()
+    yield f
+    try:
+        f.run("import fal_magic; fal_magic.shutdown()")
+    finally:
+        f.close()
+
+
+SLIDER = """
+from fal_magic import isolated
+
+@isolated(keep_alive=120, requirements=["ipywidgets"])
+def slider():
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    s = widgets.IntSlider(value=1, description="n")
+    s.observe(lambda change: print("moved to", change["new"]), names="value")
+    display(s)
+    return "shown"
+
+print(slider())
+"""
+
+
+def is_stream(text: str):
+    return lambda m: m["msg_type"] == "stream" and text in m["content"]["text"]
+
+
+def test_a_slider_from_an_isolated_function_is_live_in_the_notebook(frontend):
+    cell_id = frontend.run(SLIDER)
+    opened = frontend.wait_for(lambda m: m["msg_type"] == "comm_open"
+                               and m["content"]["target_name"] == "jupyter.widget"
+                               and m["content"]["data"]["state"].get("_model_name") == "IntSliderModel")
+    model_id = opened["content"]["comm_id"]
+    assert opened["content"]["data"]["state"]["value"] == 1
+    view = frontend.wait_for(lambda m: m["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json"
+                             in m["content"]["data"])
+    assert view["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] == model_id
+    assert view["parent_header"]["msg_id"] == cell_id  # in the calling cell
+
+    frontend.send("comm_msg", {"comm_id": model_id, "data": {"method": "update", "state": {"value": 7},
+                                                             "buffer_paths": []}})
+    said = frontend.wait_for(is_stream("moved to 7"))  # the callback ran in the isolated kernel
+    assert said["parent_header"]["msg_id"] == cell_id  # and printed into the cell that made the widget
+    frontend.wait_for(lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == model_id
+                      and m["content"]["data"].get("method") == "echo_update"
+                      and m["content"]["data"]["state"].get("value") == 7)
+
+    frontend.run("import fal_magic; fal_magic.shutdown()")
+    frontend.wait_for(lambda m: m["msg_type"] == "comm_close" and m["content"]["comm_id"] == model_id)
+    frontend.wait_for(is_stream("they no longer respond"))
+
+
+def test_tqdm_auto_without_ipywidgets_is_a_text_bar_without_a_warning(capsys):
+    from fal_magic import isolated
+
+    @isolated(keep_alive=30, requirements=["tqdm"])
+    def count(n):
+        from tqdm.auto import tqdm
+
+        return sum(1 for _ in tqdm(range(n), desc="rows"))
+
+    assert count(5) == 5
+    err = capsys.readouterr().err
+    assert "rows: 100%" in err and "5/5" in err
+    assert "TqdmWarning" not in err and "IProgress not found" not in err
+
+
+def test_a_widget_as_an_isolated_cells_value_is_its_out(frontend):
+    cell_id = frontend.run("%load_ext fal_magic\nget_ipython().run_cell_magic('isolated', '--requirements ipywidgets', "
+                           "'import ipywidgets\\nipywidgets.IntSlider(value=3)')")
+    opened = frontend.wait_for(lambda m: m["msg_type"] == "comm_open"
+                               and m["content"]["data"]["state"].get("_model_name") == "IntSliderModel")
+    assert opened["content"]["data"]["state"]["value"] == 3 and opened["parent_header"]["msg_id"] == cell_id
+    result = frontend.wait_for(lambda m: m["msg_type"] == "execute_result" and m["parent_header"]["msg_id"] == cell_id)
+    view = result["content"]["data"]["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] == opened["content"]["comm_id"]  # Out[n] is the live widget

@@ -265,3 +265,23 @@ def kind(request: pytest.FixtureRequest) -> str:
     if request.param in ("remote", "cluster"):
         request.getfixturevalue(request.param)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def ip():
+    """The test IPython shell (as a notebook's, without a frontend), with the extension loaded."""
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "fal_magic")
+    yield shell
+    shell.run_line_magic("unload_ext", "fal_magic")
+
+
+def run_cell(ip, source):
+    """Run a cell as a notebook would; return (result, captured outputs)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as captured:
+        result = ip.run_cell(source)
+    return result, captured

@@ -12,7 +12,7 @@ from IPython.core.error import StdinNotImplementedError
 
 from fal_magic import isolated
 
-from .conftest import pid_alive
+from .conftest import pid_alive, run_cell
 
 
 @pytest.fixture(params=["local", "remote"])
@@ -191,20 +191,13 @@ def test_a_notebook_cell_asks_its_frontend(tmp_path):
 
 
 @pytest.fixture
-def shell():
-    from IPython.testing.globalipapp import get_ipython
-
-    ip = get_ipython()
-    ip.run_line_magic("load_ext", "fal_magic")
+def shell(ip):
     yield ip
     ip.run_line_magic("pdb", "off")
 
 
 def cell(ip, source):
-    from IPython.utils.capture import capture_output
-
-    with capture_output() as captured:
-        result = ip.run_cell(source)
+    result, captured = run_cell(ip, source)
     return result, captured.stdout
 
 

@@ -130,3 +130,24 @@ def test_a_widget_as_an_isolated_cells_value_is_its_out(frontend):
     result = frontend.wait_for(lambda m: m["msg_type"] == "execute_result" and m["parent_header"]["msg_id"] == cell_id)
     view = result["content"]["data"]["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] == opened["content"]["comm_id"]  # Out[n] is the live widget
+
+
+def test_binary_buffers_cross_whole_both_ways(frontend):
+    picture = bytes(range(256)) * 64  # 16 KiB, not valid PNG: the widget only carries it
+    cell_id = frontend.run(
+        "from fal_magic import isolated\n\n@isolated(keep_alive=120, requirements=['ipywidgets'])\n"
+        "def picture(data):\n    import ipywidgets as widgets\n    from IPython.display import display\n\n"
+        "    image = widgets.Image(value=data, format='png')\n"
+        "    image.observe(lambda change: print('new image of', len(change['new']), 'bytes'), names='value')\n"
+        f"    display(image)\n\npicture({picture!r})")
+    opened = frontend.wait_for(lambda m: m["msg_type"] == "comm_open"
+                               and m["content"]["data"]["state"].get("_model_name") == "ImageModel")
+    assert opened["content"]["data"]["buffer_paths"] == [["value"]]
+    assert bytes(opened["buffers"][0]) == picture  # whole, as binary
+
+    model_id = opened["content"]["comm_id"]
+    update = frontend.kc.session.msg("comm_msg", {"comm_id": model_id, "data": {
+        "method": "update", "state": {}, "buffer_paths": [["value"]]}})
+    frontend.kc.session.send(frontend.kc.shell_channel.socket, update, buffers=[b"\x89PNG" * 1000])
+    said = frontend.wait_for(is_stream("new image of 4000 bytes"))  # the kernel got the frontend's buffer
+    assert said["parent_header"]["msg_id"] == cell_id

@@ -13,23 +13,7 @@ from fal_magic import RemoteError
 from fal_magic.kernel import get_pool
 
 from .conftest import pid_alive
-
-
-@pytest.fixture(scope="module")
-def ip():
-    from IPython.testing.globalipapp import get_ipython
-
-    shell = get_ipython()
-    shell.run_line_magic("load_ext", "fal_magic")
-    yield shell
-    shell.run_line_magic("unload_ext", "fal_magic")
-
-
-def run(ip, source):
-    """Run a cell as a notebook would; return (result, captured outputs)."""
-    with capture_output() as captured:
-        result = ip.run_cell(source)
-    return result, captured
+from .conftest import run_cell as run
 
 
 def test_cell_runs_with_requirements_and_prints_here(ip):

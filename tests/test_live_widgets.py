@@ -151,3 +151,17 @@ def test_binary_buffers_cross_whole_both_ways(frontend):
     frontend.kc.session.send(frontend.kc.shell_channel.socket, update, buffers=[b"\x89PNG" * 1000])
     said = frontend.wait_for(is_stream("new image of 4000 bytes"))  # the kernel got the frontend's buffer
     assert said["parent_header"]["msg_id"] == cell_id
+
+
+def test_a_slider_of_a_kernel_on_a_server_is_live_too(remote, frontend):  # (the server outlives the frontend)
+    from .conftest import TOKEN
+
+    frontend.run(f"import fal_magic\nfal_magic.configure(host={remote!r}, token={TOKEN!r})")
+    cell_id = frontend.run(SLIDER)
+    opened = frontend.wait_for(lambda m: m["msg_type"] == "comm_open"
+                               and m["content"]["data"]["state"].get("_model_name") == "IntSliderModel")
+    model_id = opened["content"]["comm_id"]
+    frontend.send("comm_msg", {"comm_id": model_id, "data": {"method": "update", "state": {"value": 9},
+                                                             "buffer_paths": []}})
+    said = frontend.wait_for(is_stream("moved to 9"))  # the callback ran in the server's kernel
+    assert said["parent_header"]["msg_id"] == cell_id

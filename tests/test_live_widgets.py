@@ -153,7 +153,7 @@ def test_binary_buffers_cross_whole_both_ways(frontend):
     assert said["parent_header"]["msg_id"] == cell_id
 
 
-def test_a_slider_of_a_kernel_on_a_server_is_live_too(remote, frontend):  # (the server outlives the frontend)
+def test_a_slider_of_a_remote_kernel_is_live_too(remote, frontend):  # (the server outlives the frontend)
     from .conftest import TOKEN
 
     frontend.run(f"import fal_magic\nfal_magic.configure(host={remote!r}, token={TOKEN!r})")

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import asyncio
 
+from gateway_provisioners import response_manager
 from gateway_provisioners.distributed import DistributedProvisioner
 
 from .cluster import end_on_host
+
+# gateway_provisioners reads the launchers' connection info by polling its response socket every
+# 0.1 ms on the server's event loop, each poll a blocking accept of up to GP_SOCKET_TIMEOUT (10 ms).
+# Once a cluster kernel existed the loop was blocked nearly all the time, and every call through the
+# server, its own kernels' too, waited ~40 ms. On a non-blocking socket each poll awaits a connection
+# instead (tornado awaits a coroutine callback before running it again).
+response_manager.socket_timeout = 0.0
 
 
 class HostProvisioner(DistributedProvisioner):

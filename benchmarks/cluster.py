@@ -7,15 +7,14 @@ Run by hand, as root (sshd hosts on 127.0.0.2/.3 in mount namespaces, as the tes
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.run import median_time  # noqa: E402
 from tests import hosts as test_hosts  # noqa: E402  (the sshd harness of the test suite)
 from tests.conftest import MACHINE_TYPES, TOKEN, start_server  # noqa: E402
 
@@ -24,15 +23,8 @@ def noop() -> None:
     return None
 
 
-def median_ms(fn, repeat: int = 60) -> float:
-    for _ in range(5):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples) * 1000
+def median_ms(fn) -> float:
+    return median_time(fn, repeat=60, warmup=5) * 1000
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """The kernel's own socket for calls from a host on the same machine (the fast channel), read by the
 kernel's event loop: no shell dispatch, no busy/idle round of the Jupyter protocol. Messages carry a
-header signed with the kernel's session key; the kernel says when a call has begun, then replies."""
+header signed with the kernel's session key. The kernel marks each call it begins in a small file the
+host reads only if the kernel dies (sending a message instead cost every call ~0.3 ms: a wake-up of
+the host while the call runs), then replies."""
 from __future__ import annotations
 
 import hmac
@@ -11,8 +13,9 @@ from typing import Any
 from .frames import sign
 
 FAST_ENV = "FAL_MAGIC_FAST"
-#: The channel's word that a call has begun (every other message the kernel sends there is a JSON reply).
-BEGUN = b"begun"
+#: The file in which the kernel marks the call it has begun: the call's message id (32 characters).
+BEGUN_ENV = "FAL_MAGIC_BEGUN"
+BEGUN_SIZE = 32
 
 #: Serves one call: the socket to answer on, the call's header and its frames.
 Serve = Callable[[Any, "dict[str, Any]", "list[Any]"], None]
@@ -21,8 +24,10 @@ Serve = Callable[[Any, "dict[str, Any]", "list[Any]"], None]
 class FastChannel:
     """A zmq PAIR socket bound at ``address`` and read on the kernel's asyncio loop."""
 
-    def __init__(self, serve: Serve, address: str, key: bytes) -> None:
+    def __init__(self, serve: Serve, address: str, key: bytes, begun_path: str) -> None:
         import asyncio
+        import mmap
+        import os
 
         import zmq
 
@@ -32,6 +37,11 @@ class FastChannel:
         self.socket: Any = zmq.Context.instance().socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(address)
+        fd = os.open(begun_path, os.O_RDWR)
+        try:
+            self.begun_mark = mmap.mmap(fd, BEGUN_SIZE)
+        finally:
+            os.close(fd)
         asyncio.get_running_loop().add_reader(self.socket.getsockopt(zmq.FD), self.on_readable)
 
     def on_readable(self) -> None:
@@ -47,3 +57,7 @@ class FastChannel:
                 self.serve(self.socket, json.loads(header.bytes), frames)
         except KeyboardInterrupt:
             pass
+
+    def begun(self, msg_id: str) -> None:
+        """Mark the call ``msg_id`` as begun (a write into memory the host's file shares)."""
+        self.begun_mark[:BEGUN_SIZE] = msg_id.encode()[:BEGUN_SIZE].ljust(BEGUN_SIZE)

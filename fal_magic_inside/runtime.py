@@ -25,7 +25,7 @@ import cloudpickle
 
 from . import broker as _broker
 from .capture import capture_stdout, drain_captured_output
-from .channel import BEGUN, FAST_ENV, FastChannel
+from .channel import BEGUN_ENV, FAST_ENV, FastChannel
 from .frames import describe_exception, dumps, loads, type_name, without_runtime_frames
 from .head import HEAD_ENV, watch_head
 from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
@@ -159,6 +159,8 @@ class Runtime:
         parent = {"header": {"msg_id": header["msg_id"], "msg_type": "fal_magic_call", "session": header["session"],
                              "username": "", "date": "", "version": "5.3"}}
         kernel = self.shell.kernel
+        fast = self.fast
+        assert fast is not None  # (it serves this call)
         for target in (sys.stdout, sys.stderr, self.shell.display_pub):
             if hasattr(target, "set_parent"):
                 target.set_parent(parent)
@@ -173,11 +175,11 @@ class Runtime:
             segments[name] = shm_map(self.shm_dir, name, size)
             frames[int(index)] = memoryview(segments[name])
         # ipykernel ignores SIGINT between requests; during a call it must raise KeyboardInterrupt. The
-        # host hears that the call has begun once an interrupt would reach it: a kernel that dies before
-        # that point did not run the call, which may then run elsewhere.
+        # call is marked begun once an interrupt would reach it: a kernel that dies before that point
+        # did not run the call, which may then run elsewhere.
         saved = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            reply, out = self.run({"op": "call", "id": header["id"]}, frames, lambda: sock.send(BEGUN),
+            reply, out = self.run({"op": "call", "id": header["id"]}, frames, lambda: fast.begun(header["msg_id"]),
                                   stdin=([header["session"].encode()], parent))
         finally:
             signal.signal(signal.SIGINT, saved)
@@ -250,4 +252,5 @@ def install(shell: Any) -> None:
     runtime = Runtime(shell)
     shell.kernel.comm_manager.register_target(COMM_TARGET, runtime.open)
     if os.environ.get(FAST_ENV):
-        runtime.fast = FastChannel(runtime.serve_fast, os.environ[FAST_ENV], shell.kernel.session.key)
+        runtime.fast = FastChannel(runtime.serve_fast, os.environ[FAST_ENV], shell.kernel.session.key,
+                                   os.environ[BEGUN_ENV])

@@ -210,9 +210,13 @@ class Kernel(abc.ABC):
     def next_event(self, timeout: float, sink: OutputSink,
                    nested: NestedHandler | None) -> tuple[str, Any] | None:
         """The next message for a running request, as ``(channel, Message)``, or, outside the Jupyter
-        channels, ``("begun", None)`` once the kernel has begun it and ``("reply", Reply)`` for its
-        reply; None when nothing came within ``timeout``
+        channels, ``("reply", Reply)`` for its reply; None when nothing came within ``timeout``
         (or the line to the kernel broke: ``raise_if_dead`` then says so). Serves nested calls."""
+
+    def began(self, msg_id: str) -> bool:
+        """Whether the kernel has begun the request ``msg_id`` sent outside the Jupyter channels (whose
+        own messages say so otherwise). None are, by default."""
+        return False
 
     @abc.abstractmethod
     def raise_if_dead(self, when: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 from fal_magic_inside import shm
 from fal_magic_inside.broker import BROKER_ENV
-from fal_magic_inside.channel import BEGUN, FAST_ENV
+from fal_magic_inside.channel import BEGUN_ENV, BEGUN_SIZE, FAST_ENV
 from fal_magic_inside.frames import sign
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
@@ -139,6 +139,7 @@ class LocalKernel(Kernel):
         self.runtime_dir = runtime_dir
         self.shm_dir = shm_dir
         self.log_path = runtime_dir / f"kernel-{self.id}.log"
+        self.begun_path = runtime_dir / f"kernel-{self.id}-begun"  # the fast channel's mark of a call begun
         self.broker: Any = None
         self.fast: Any = None
         self.arena: shm.Arena | None = None
@@ -169,13 +170,14 @@ class LocalKernel(Kernel):
         broker_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-broker'}"
         self.broker.bind(broker_address)
         fast_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-fast'}"
+        self.begun_path.write_bytes(bytes(BEGUN_SIZE))
         child_env = {k: v for k, v in os.environ.items()
                      if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
         child_env.update(self.env)
         child_env.update(
             kernel_env(env.path, os.environ.get("PATH", "")),
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),
-            **{BROKER_ENV: broker_address, FAST_ENV: fast_address},
+            **{BROKER_ENV: broker_address, FAST_ENV: fast_address, BEGUN_ENV: str(self.begun_path)},
             **({shm.SHM_ENV: str(self.shm_dir)} if self.shm_dir is not None else {}),
         )
         log = open(self.log_path, "ab", buffering=0)
@@ -371,7 +373,7 @@ class LocalKernel(Kernel):
         if self.arena is not None:
             self.arena.close()
         for path in (self.log_path, self.runtime_dir / f"kernel-{self.id}-broker",
-                     self.runtime_dir / f"kernel-{self.id}-fast"):
+                     self.runtime_dir / f"kernel-{self.id}-fast", self.begun_path):
             try:
                 path.unlink()
             except OSError:
@@ -459,6 +461,14 @@ class LocalKernel(Kernel):
         self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=buffers)
         serve(self, msg["header"]["msg_id"], sink, grace, "message")
 
+    def began(self, msg_id: str) -> bool:
+        """Whether the runtime marked the fast-channel call ``msg_id`` as begun (read on a death or a stop only)."""
+        try:
+            with open(self.begun_path, "rb") as f:
+                return f.read(BEGUN_SIZE) == msg_id.encode()[:BEGUN_SIZE].ljust(BEGUN_SIZE)
+        except OSError:
+            return False
+
     def answer_input(self, value: str) -> None:
         self.kc.input(value)
 
@@ -495,8 +505,6 @@ class LocalKernel(Kernel):
             self._serve_nested(sink, nested)
         if self.fast is not None and self.fast in ready:
             head, *buffers = self.fast.recv_multipart(copy=False)
-            if head.bytes == BEGUN:
-                return "begun", None
             return "reply", Reply(json.loads(head.bytes), buffers)
         for channel, sock in (("iopub", iopub), ("shell", shell), ("stdin", stdin)):
             if sock in ready:

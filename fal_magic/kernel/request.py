@@ -69,19 +69,23 @@ class RequestTracker:
         self.route = route
         self.sink = sink
         self.kernel = kernel
-        self.begun = False  # outside the channels, the runtime says so; else the first message for it
+        self.seen = False  # a message for it came: the kernel has begun it
         self.idle = False
         self.reply: Reply | None = None
 
+    @property
+    def begun(self) -> bool:
+        """Whether the kernel has begun the request: a message for it came, or, outside the Jupyter
+        channels, the kernel marked it (asked only on a death or a stop: not on the hot path)."""
+        return self.seen or (self.route == "outside" and self.kernel.began(self.msg_id))
+
     def feed(self, channel: str, message: Any) -> bool:
         """Take one event of the transport; True once the request is done."""
-        if channel == "begun":
-            self.begun = True
-        elif channel == "reply":
-            self.begun = True
+        if channel == "reply":
+            self.seen = True
             self.reply = message
         elif message["parent_header"].get("msg_id") == self.msg_id:
-            self.begun = True
+            self.seen = True
             content = message["content"]
             if channel == "shell":
                 self.reply = Reply(content)
@@ -123,7 +127,7 @@ def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: Re
                 now = time.monotonic()
                 if event is None or now - last_check >= LIVENESS_PERIOD:
                     last_check = now
-                    _check_liveness(kernel, tracker.begun)
+                    _check_liveness(kernel, tracker)
                     _check_grace(kernel, interrupted_at, grace)
                 if event is not None and event[0] == "stdin":
                     _answer(kernel, tracker, event[1], nested)
@@ -159,11 +163,11 @@ def _answer(kernel: Kernel, tracker: RequestTracker, message: Any, nested: Neste
     kernel.answer_input(value)
 
 
-def _check_liveness(kernel: Kernel, begun: bool) -> None:
+def _check_liveness(kernel: Kernel, tracker: RequestTracker) -> None:
     try:
         kernel.raise_if_dead("during the call")
     except KernelDiedError as exc:
-        if begun:
+        if tracker.begun:
             raise
         raise NotStartedError(str(exc), exit_code=exc.exit_code, stderr_tail=exc.stderr_tail) from None
 

@@ -38,7 +38,9 @@ def can_bridge() -> bool:
 
 def from_kernel(kernel: Any, message: dict[str, Any], sink: CallerOutput) -> None:
     """A comm message the isolated ``kernel`` published while serving a request of ``sink``'s caller
-    (called in the caller's context)."""
+    (called in the caller's context). Without a frontend (no notebook kernel) there is nothing to do."""
+    if not can_bridge():
+        return
     kind, content, metadata = message["msg_type"], message["content"], message.get("metadata") or {}
     comm_id = content.get("comm_id", "")
     data = content.get("data", {})

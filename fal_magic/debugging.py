@@ -29,7 +29,7 @@ def tag(exc: BaseException, kernel_id: str | None) -> None:
         install(shell)
 
 
-def post_mortem(exc: BaseException) -> bool:
+def post_mortem(exc: BaseException | None) -> bool:
     """Open the post-mortem debugger in the kernel that raised ``exc``; False if no kernel did."""
     kernel_id = getattr(exc, KERNEL_ATTR, None)
     if kernel_id is None:
@@ -53,7 +53,7 @@ def install(shell: Any) -> None:
     original = shell.debugger
 
     def debugger(force: bool = False) -> None:
-        if (force or shell.call_pdb) and post_mortem(getattr(sys, "last_value", None) or Exception()):
+        if (force or shell.call_pdb) and post_mortem(getattr(sys, "last_value", None)):
             return
         original(force)
 

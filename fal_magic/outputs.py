@@ -90,8 +90,7 @@ class CallerOutput:
         context, where there is a frontend; elsewhere a widget cannot be shown (its text form is)."""
         from . import comms
 
-        if self._context.run(comms.can_bridge):
-            self._context.run(comms.from_kernel, kernel, message, self)
+        self._context.run(comms.from_kernel, kernel, message, self)
 
     def run(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the caller's context (what it displays or sends goes to the caller's cell)."""

@@ -17,6 +17,12 @@ FAST_ENV = "FAL_MAGIC_FAST"
 BEGUN_ENV = "FAL_MAGIC_BEGUN"
 BEGUN_SIZE = 32
 
+
+def begun_mark(msg_id: str) -> bytes:
+    """What the file holds once the call ``msg_id`` has begun."""
+    return msg_id.encode()[:BEGUN_SIZE].ljust(BEGUN_SIZE)
+
+
 #: Serves one call: the socket to answer on, the call's header and its frames.
 Serve = Callable[[Any, "dict[str, Any]", "list[Any]"], None]
 
@@ -39,7 +45,7 @@ class FastChannel:
         self.socket.bind(address)
         fd = os.open(begun_path, os.O_RDWR)
         try:
-            self.begun_mark = mmap.mmap(fd, BEGUN_SIZE)
+            self.mark = mmap.mmap(fd, BEGUN_SIZE)
         finally:
             os.close(fd)
         asyncio.get_running_loop().add_reader(self.socket.getsockopt(zmq.FD), self.on_readable)
@@ -60,4 +66,4 @@ class FastChannel:
 
     def begun(self, msg_id: str) -> None:
         """Mark the call ``msg_id`` as begun (a write into memory the host's file shares)."""
-        self.begun_mark[:BEGUN_SIZE] = msg_id.encode()[:BEGUN_SIZE].ljust(BEGUN_SIZE)
+        self.mark[:BEGUN_SIZE] = begun_mark(msg_id)

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 from fal_magic_inside import shm
 from fal_magic_inside.broker import BROKER_ENV
-from fal_magic_inside.channel import BEGUN_ENV, BEGUN_SIZE, FAST_ENV
+from fal_magic_inside.channel import BEGUN_ENV, BEGUN_SIZE, FAST_ENV, begun_mark
 from fal_magic_inside.frames import sign
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
@@ -465,7 +465,7 @@ class LocalKernel(Kernel):
         """Whether the runtime marked the fast-channel call ``msg_id`` as begun (read on a death or a stop only)."""
         try:
             with open(self.begun_path, "rb") as f:
-                return f.read(BEGUN_SIZE) == msg_id.encode()[:BEGUN_SIZE].ljust(BEGUN_SIZE)
+                return f.read(BEGUN_SIZE) == begun_mark(msg_id)
         except OSError:
             return False
 

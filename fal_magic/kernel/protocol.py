@@ -38,9 +38,9 @@ def _fal_magic_load(sources, directory):
     class Sources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def find_spec(self, name, path=None, target=None):
             package, _, module = name.partition(".")
-            if package != "fal_magic_inside" or (module + ".py" if module else "__init__.py") not in sources:
-                return None
             file = module + ".py" if module else "__init__.py"
+            if package != "fal_magic_inside" or file not in sources:
+                return None
             spec = importlib.util.spec_from_loader(name, self, origin=os.path.join(directory, file),
                                                    is_package=not module)
             spec.has_location = True

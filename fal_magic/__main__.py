@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .config import settings
@@ -93,10 +94,11 @@ def envs_command(args: argparse.Namespace) -> int:
             return 0
         total = sum(r.size_bytes for r in records)
         print(f"{len(records)} environment(s) in {cache.envs_dir}, {_human_size(total)} in all\n")
-        print(f"{'KEY':<18}{'SIZE':>10}  {'LAST USED':<11} {'STATE':<8} REQUIREMENTS")
+        print(f"{'KEY':<18}{'SIZE':>10}  {'LAST USED':<11} {'STATE':<8} {'FROM':<9} REQUIREMENTS")
         for r in records:
             state = "built" if r.built else "partial"
-            print(f"{r.key:<18}{_human_size(r.size_bytes):>10}  {_ago(r.last_used):<11} {state:<8} "
+            origin = "lock" if r.locked else ("resolved" if r.built else "-")
+            print(f"{r.key:<18}{_human_size(r.size_bytes):>10}  {_ago(r.last_used):<11} {state:<8} {origin:<9} "
                   f"{', '.join(r.requirements) or '-'}")
         return 0
     if args.action == "rm":
@@ -121,6 +123,74 @@ def envs_command(args: argparse.Namespace) -> int:
     print(f"removed {len(removed)} environment(s)" + (f": {', '.join(removed)}" if removed else "")
           + (f" (freed {_human_size(freed)})" if removed else ""))
     return 0
+
+
+def lock_command(args: argparse.Namespace) -> int:
+    """``lock show FILE``: what a lock file holds, per environment; ``lock refresh FILE [REQ...]``:
+    resolve its entries for this Python and platform again (those that name one of REQ, else all)."""
+    from .envs import EnvCache, spec_for
+    from .envs.indexes import own_settings, site_settings
+    from .envs.lockfile import LockEntry, LockFile, host_platform
+    from .envs.spec import host_python
+
+    lock = LockFile(Path(args.file))
+    if not lock.path.exists():
+        print(f"error: no lock file at {lock.path}", file=sys.stderr)
+        return 1
+    entries = lock.entries()
+    if args.action == "show":
+        print(f"{lock.path}: {len(entries)} environment(s)")
+        for e in entries:
+            print(f"\n{', '.join(e.requirements) or '(no extra requirements)'}"
+                  + (f"  (constraints: {', '.join(e.constraints)})" if e.constraints else ""))
+            print(f"  {e.python} on {e.platform}, recorded {e.recorded or '?'} with {e.installer or '?'}: "
+                  f"{len(e.packages)} packages")
+            for package in e.packages:
+                print(f"    {package}")
+        return 0
+    wanted = {_name(r) for r in args.requirements}
+    chosen = [e for e in entries if not wanted or wanted & {_name(r) for r in e.requirements}]
+    if not chosen:
+        print(f"error: no entry in {lock.path} names {', '.join(sorted(wanted))}", file=sys.stderr)
+        return 1
+    cfg = settings()
+    cache = EnvCache(cfg.home_path(), cfg.installer, prefer_cached=False)  # (today's index, not the cache)
+    sources = site_settings(own_settings(cfg.index_url, cfg.extra_index_urls, cfg.find_links))
+    status = 0
+    for e in chosen:
+        if (e.python, e.platform) != (host_python(), host_platform()):
+            print(f"skipped {', '.join(e.requirements)}: recorded for {e.python} on {e.platform}, "
+                  f"this is {host_python()} on {host_platform()}")
+            continue
+        try:
+            spec = spec_for(list(e.requirements), constraints=e.constraints).resolved(sources)
+            packages = cache.resolve(spec)
+        except FalMagicError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        lock.record(LockEntry(e.requirements, e.constraints, e.python, e.platform,
+                              installer=cache.installer_name(), packages=tuple(packages)))
+        before, after = set(e.packages), set(lock.find(e.identity).packages)  # type: ignore[union-attr]
+        change = (f"{len(after - before)} changed or added, {len(before - after)} gone" if before != after
+                  else "unchanged")
+        print(f"refreshed {', '.join(e.requirements)}: {change}")
+        for line in sorted(before - after):
+            print(f"  - {line}")
+        for line in sorted(after - before):
+            print(f"  + {line}")
+    return status
+
+
+def _name(requirement: str) -> str:
+    """The canonical project name in a requirement (the text itself if it is not one)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        return canonicalize_name(Requirement(requirement).name)
+    except InvalidRequirement:
+        return requirement
 
 
 def build_command(args: argparse.Namespace) -> int:
@@ -154,6 +224,9 @@ fal_magic runs Python functions and notebook cells in isolated, warm Jupyter ker
   python -m fal_magic envs list        the cached environments
   python -m fal_magic envs rm KEY      remove one (not while a kernel uses it)
   python -m fal_magic envs prune       remove unfinished builds and long-unused environments
+  python -m fal_magic lock show FILE   what a lock file holds, per environment
+  python -m fal_magic lock refresh FILE [REQUIREMENT ...]
+                                       resolve its entries again (those naming a requirement, else all)
 
 The environment cache is $FAL_MAGIC_HOME/envs (default: the user cache directory)."""
 
@@ -179,10 +252,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_build.add_argument("--python", required=True, help="the server's Python, e.g. cpython-3.11")
     p_build.add_argument("--cloudpickle", required=True, help="the exact cloudpickle version")
     p_build.add_argument("requirements", nargs="*", metavar="REQUIREMENT")
+    p_lock = sub.add_parser("lock", help="show or refresh a lock file (FalMagic.lock)")
+    lock_sub = p_lock.add_subparsers(dest="action", required=True)
+    p_show = lock_sub.add_parser("show", help="what the lock file holds, per environment")
+    p_show.add_argument("file", metavar="FILE")
+    p_refresh = lock_sub.add_parser("refresh", help="resolve entries again and rewrite them")
+    p_refresh.add_argument("file", metavar="FILE")
+    p_refresh.add_argument("requirements", nargs="*", metavar="REQUIREMENT",
+                           help="refresh the entries whose requirements name one of these (default: all)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         try:
             return demo(args.keep_alive, args.host)
+        except FalMagicError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "lock":
+        try:
+            return lock_command(args)
         except FalMagicError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

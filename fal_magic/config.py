@@ -76,6 +76,13 @@ class FalMagic(Configurable):
     find_links = List(Unicode(), config=True,
                       help="Directories or pages of distribution files for environments built here.")
 
+    lock = Unicode(
+        None, allow_none=True, config=True,
+        help="A lock file recording the exact packages each environment built here got, so that a colleague "
+             "(or a rebuilt cache) gets the same: a path, 'auto' (<notebook>.isolated.lock beside the notebook; "
+             "off outside a notebook), or None (off).",
+    )
+
     host = Unicode(
         "", config=True,
         help="URL of a Jupyter Server with the fal_magic extension to run kernels on; empty: this machine.",
@@ -102,6 +109,18 @@ class FalMagic(Configurable):
         if env:
             return Path(env).expanduser()
         return Path(platformdirs.user_cache_dir("fal_magic", appauthor=False))
+
+    def lock_path(self) -> Path | None:
+        """The lock file in use: the configured path, the one beside this notebook for 'auto', or None."""
+        if not self.lock:
+            return None
+        if self.lock == "auto":
+            from .envs.lockfile import lock_beside
+            from .notebook_file import notebook_file
+
+            notebook = notebook_file()
+            return lock_beside(notebook) if notebook is not None else None
+        return Path(self.lock).expanduser().absolute()
 
     def resolved_token(self) -> str:
         """The configured token, else $FAL_MAGIC_TOKEN."""

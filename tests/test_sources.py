@@ -2,14 +2,10 @@
 requirements files with constraints and index options, and the user's own packages."""
 from __future__ import annotations
 
-import base64
-import http.server
 import json
 import logging
 import subprocess
 import sys
-import threading
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,79 +16,20 @@ from fal_magic.envs import spec_for
 from fal_magic.envs.indexes import Indexes
 from fal_magic.errors import EnvironmentBuildError, FalMagicError
 
-PACKAGE = "falmagic-private-probe"  # a name the public index does not have
-MODULE = "falmagic_private_probe"
-USER, PASSWORD = "alice", "s3cret-pw-1234"
+from . import package_index
 
-
-def build_wheel(folder: Path, version: str) -> Path:
-    """A minimal pure-Python wheel of PACKAGE whose module says which version it is."""
-    dist = f"{MODULE}-{version}"
-    wheel = folder / f"{dist}-py3-none-any.whl"
-    files = {
-        f"{MODULE}/__init__.py": f"VERSION = {version!r}\n",
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = "".join(f"{name},,\n" for name in files) + f"{dist}.dist-info/RECORD,,\n"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for name, text in {**files, f"{dist}.dist-info/RECORD": record}.items():
-            z.writestr(name, text)
-    return wheel
-
-
-class PrivateIndex:
-    """A PEP 503 index on 127.0.0.1 that answers only with the right password, and counts what it served."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.served: list[str] = []
-        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        index = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(root), **kwargs)
-
-            def do_GET(self):  # noqa: N802 - the stdlib's name
-                if self.headers.get("Authorization") != expected:
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="private"')
-                    self.end_headers()
-                    return
-                index.served.append(self.path)
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{USER}:{PASSWORD}@127.0.0.1:{self.server.server_address[1]}/simple/"
-
-    def publish(self, version: str) -> None:
-        """Put a version of PACKAGE on the index (the newest is what an install takes)."""
-        build_wheel(self.root / "files", version)
-        links = "".join(f'<a href="../../files/{w.name}">{w.name}</a>\n'
-                        for w in sorted((self.root / "files").glob("*.whl")))
-        (self.root / "simple" / PACKAGE / "index.html").write_text(f"<html><body>{links}</body></html>")
+PACKAGE = package_index.PACKAGE
+PASSWORD = package_index.PASSWORD
+PrivateIndex = package_index.PrivateIndex
 
 
 @pytest.fixture(scope="module")
 def private_index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    (root / "files").mkdir()
-    (root / "simple" / PACKAGE).mkdir(parents=True)
-    index = PrivateIndex(root)
+    index = PrivateIndex(tmp_path_factory.mktemp("index"))
     index.publish("1.0")
     index.publish("2.0")
-    index.thread.start()
-    yield index
-    index.server.shutdown()
-    index.server.server_close()
+    yield index.start()
+    index.stop()
 
 
 def probe_version():

@@ -22,7 +22,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from packaging.requirements import Requirement
@@ -32,6 +33,7 @@ from ..errors import EnvironmentBuildError, FalMagicError
 from .bytecode import link_bytecode
 from .installers import InstallFailed, Installer, pick_installer
 from .local import LocalPackage
+from .lockfile import LockEntry, LockFile, identity_of
 from ..masking import mask_credentials
 from .spec import EnvSpec, describe_requirements
 
@@ -78,6 +80,8 @@ class EnvRecord:
     created: float
     last_used: float
     built: bool
+    #: Built from a lock file's exact set (not resolved when it was built).
+    locked: bool = False
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -150,6 +154,28 @@ class EnvCache:
 
     # -- getting an environment -------------------------------------------------------------
 
+    def locked(self, spec: EnvSpec, lock: LockFile, progress: Progress = _quiet) -> EnvSpec:
+        """``spec`` built from the exact set ``lock`` holds for it; with no entry yet, resolve it
+        here, record the set in ``lock``, and use that."""
+        identity = identity_of(spec.requirements, spec.constraints, spec.python)
+        entry = lock.find(identity)
+        if entry is None:
+            packages = self.resolve(spec, progress)
+            requirements, constraints, python, platform = identity
+            lock.record(LockEntry(requirements, constraints, python, platform, installer=self.installer_name(),
+                                  packages=tuple(packages)))
+            progress(f"recorded {len(packages)} packages for {describe_requirements(spec.requirements)} "
+                     f"in {lock.path}")
+            entry = lock.find(identity)
+            assert entry is not None
+        return spec.with_lock(entry.packages, str(lock.path))
+
+    def installer_name(self) -> str:
+        try:
+            return pick_installer(self.installer_choice, self.prefer_cached).name
+        except (ValueError, FileNotFoundError):
+            return self.installer_choice
+
     def get(self, spec: EnvSpec, progress: Progress = _quiet) -> Env:
         """Return the built environment for ``spec``, building it first if no process has.
 
@@ -194,7 +220,8 @@ class EnvCache:
 
     def _build(self, spec: EnvSpec, path: Path, progress: Progress) -> None:
         """Build in place under the exclusive lock; on any failure remove everything built."""
-        progress(f"building environment {spec.key} ({describe_requirements(spec.requirements)})")
+        origin = f" from the lock {spec.lock_file}" if spec.locked else ""
+        progress(f"building environment {spec.key} ({describe_requirements(spec.requirements)}){origin}")
         if spec.indexes.describe():
             progress("packages from: " + "; ".join(spec.indexes.describe()))
         started = time.perf_counter()
@@ -214,7 +241,9 @@ class EnvCache:
             try:
                 self._install(installer, python, spec, progress)
             except InstallFailed as exc:
-                raise EnvironmentBuildError(self._install_message(spec, exc.output, installer.name)) from None
+                message = (self._locked_message if spec.locked else self._install_message)(
+                    spec, exc.output, installer.name)
+                raise EnvironmentBuildError(message) from None
             progress(f"installed {describe_requirements(spec.requirements)} with {installer.name} "
                      f"in {time.perf_counter() - step:.2f}s")
             step = time.perf_counter()
@@ -231,6 +260,8 @@ class EnvCache:
                 "constraints": [mask_credentials(c) for c in spec.constraints],
                 "local": {req: pkg.digest for req, pkg in spec.local},
                 "installer": installer.name,
+                "locked": bool(spec.locked),
+                "lock_file": spec.lock_file,
                 "created": time.time(),
                 "build_seconds": round(time.perf_counter() - started, 3),
             }
@@ -250,14 +281,28 @@ class EnvCache:
     @staticmethod
     def _install(installer: Installer, python: Path, spec: EnvSpec, progress: Progress) -> None:
         """Install ``spec`` into ``python``'s environment, with its package sources as options and its
-        constraints as a file."""
-        with tempfile.TemporaryDirectory(prefix="fal_magic-build-") as work:
-            options = spec.indexes.installer_args(installer.name)
-            if spec.constraints:
-                constraints = Path(work) / "constraints.txt"
-                constraints.write_text("\n".join(spec.constraints) + "\n")
-                options += ["-c", str(constraints)]
-            installer.install(python, spec.install_list, lambda line: progress(INSTALLER_LINE + line), options)
+        constraints as a file; a locked spec's exact set as it is (``--no-deps``: nothing resolved)."""
+        on_line = lambda line: progress(INSTALLER_LINE + line)  # noqa: E731
+        if spec.locked:
+            options = [*spec.indexes.installer_args(installer.name), "--no-deps"]
+            installer.install(python, spec.locked, on_line, options)
+            return
+        with _options(installer, spec) as options:
+            installer.install(python, spec.install_list, on_line, options)
+
+    def resolve(self, spec: EnvSpec, progress: Progress = _quiet) -> list[str]:
+        """The exact distributions ``spec`` gets here today (for a lock file), without building it."""
+        try:
+            installer = pick_installer(self.installer_choice, self.prefer_cached)
+        except (ValueError, FileNotFoundError) as exc:
+            raise EnvironmentBuildError(str(exc)) from None
+        progress(f"resolving {describe_requirements(spec.requirements)} for the lock file")
+        try:
+            with _options(installer, spec) as options:
+                return installer.resolve(Path(sys.executable), spec.install_list,
+                                         lambda line: progress(INSTALLER_LINE + line), options)
+        except InstallFailed as exc:
+            raise EnvironmentBuildError(self._install_message(spec, exc.output, installer.name)) from None
 
     def _donors(self, path: Path, limit: int = 3) -> list[Path]:
         """Built environments to share bytecode with, most recently used first."""
@@ -293,6 +338,18 @@ class EnvCache:
         return (f"could not install {describe_requirements(repr(c) for c in culprits)} "
                 f"({installer} failed):\n{output}")
 
+    @staticmethod
+    def _locked_message(spec: EnvSpec, output: str, installer: str) -> str:
+        output = mask_credentials(output)
+        lowered = output.lower()
+        named = [p for p in spec.locked if any(n and n in lowered for n in _locked_names(p))]
+        which = describe_requirements(named) if named else "the locked set"
+        refresh = " ".join(repr(r) for r in spec.requirements)
+        return (f"could not install {which}, locked for {describe_requirements(spec.requirements)} in "
+                f"{spec.lock_file} ({installer} failed): a locked version may be gone from the index (yanked) or "
+                f"have no files for this platform. Refresh the entry with: python -m fal_magic lock refresh "
+                f"{spec.lock_file} {refresh}\n{output}")
+
     # -- inspecting and pruning ---------------------------------------------------------------
 
     def records(self) -> list[EnvRecord]:
@@ -319,6 +376,7 @@ class EnvCache:
                 created=float(meta.get("created", path.stat().st_mtime)),
                 last_used=last.stat().st_mtime if last.exists() else path.stat().st_mtime,
                 built=bool(meta),
+                locked=bool(meta.get("locked")),
             ))
         return sorted(out, key=lambda r: r.last_used, reverse=True)
 
@@ -359,6 +417,27 @@ class EnvCache:
                 continue
             removed.append(rec.key)
         return removed
+
+
+@contextmanager
+def _options(installer: Installer, spec: EnvSpec) -> Iterator[list[str]]:
+    """The installer options for ``spec``: its package sources, and its constraints as a file."""
+    with tempfile.TemporaryDirectory(prefix="fal_magic-build-") as work:
+        options = spec.indexes.installer_args(installer.name)
+        if spec.constraints:
+            constraints = Path(work) / "constraints.txt"
+            constraints.write_text("\n".join(spec.constraints) + "\n")
+            options += ["-c", str(constraints)]
+        yield options
+
+
+def _locked_names(package: str) -> tuple[str, ...]:
+    """The names an installer's message may use for a locked ``name==version`` (lowercase)."""
+    try:
+        name = Requirement(package).name
+    except ValueError:  # an editable path
+        return ()
+    return canonicalize_name(name), name.lower()
 
 
 def _names(requirement: str, local: dict[str, LocalPackage]) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
 import signal
@@ -33,6 +34,12 @@ class Installer(Protocol):
 
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
                 options: Sequence[str] = ()) -> None: ...
+
+    def resolve(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
+                options: Sequence[str] = ()) -> list[str]:
+        """The exact distributions installing ``requirements`` into ``python`` would give, as
+        ``name==version`` (or ``name @ URL`` for one from a URL or a path), without installing."""
+        ...
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -111,23 +118,39 @@ class UvInstaller:
 
     def install(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
                 options: Sequence[str] = ()) -> None:
+        with requirement_args(requirements) as args:
+            self._cached_first([self.binary, "pip", "install", "--color", "never", "--python", str(python),
+                                *options, *args], on_line)
+
+    def resolve(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
+                options: Sequence[str] = ()) -> list[str]:
+        with tempfile.TemporaryDirectory(prefix="fal_magic-resolve-") as work:
+            wanted, out = Path(work) / "requirements.in", Path(work) / "resolved.txt"
+            wanted.write_text("\n".join(requirements) + "\n")
+            self._cached_first([self.binary, "pip", "compile", "--color", "never", "--python", str(python),
+                                "--no-header", "--no-annotate", "--quiet", *options, str(wanted),
+                                "--output-file", str(out)], on_line)
+            lines = out.read_text().splitlines()
+        lines = [line.strip() for line in lines]
+        return [line for line in lines if line and (line.startswith("-e ") or not line.startswith(("#", "-")))]
+
+    def _cached_first(self, command: list[str], on_line: Callable[[str], None]) -> None:
+        """Run a uv command against its cache alone first (with ``prefer_cached``), then with the indexes."""
         env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1")
         env.pop("VIRTUAL_ENV", None)
-        with requirement_args(requirements) as args:
-            command = [self.binary, "pip", "install", "--color", "never", "--python", str(python), *options, *args]
-            if self.prefer_cached:
-                said: list[str] = []
-                try:
-                    _run([*command, "--offline"], said.append, env)
-                except InstallFailed as exc:
-                    if "no space left on device" in exc.output.lower():
-                        raise  # (asking the index would only fail again, less clearly)
-                    on_line("not all of it is in uv's cache: asking the package index")
-                else:
-                    for line in said:
-                        on_line(line)
-                    return
-            _run(command, on_line, env)
+        if self.prefer_cached:
+            said: list[str] = []
+            try:
+                _run([*command, "--offline"], said.append, env)
+            except InstallFailed as exc:
+                if "no space left on device" in exc.output.lower():
+                    raise  # (asking the index would only fail again, less clearly)
+                on_line("not all of it is in uv's cache: asking the package index")
+            else:
+                for line in said:
+                    on_line(line)
+                return
+        _run(command, on_line, env)
 
 
 class PipInstaller:
@@ -140,6 +163,23 @@ class PipInstaller:
         with requirement_args(requirements) as args:
             _run([sys.executable, "-m", "pip", "--python", str(python), "install",
                   "--disable-pip-version-check", "--no-input", "--no-color", *options, *args], on_line)
+
+    def resolve(self, python: Path, requirements: Sequence[str], on_line: Callable[[str], None],
+                options: Sequence[str] = ()) -> list[str]:
+        """pip's installation report of a dry run (``python`` must be the host's version: pip resolves
+        for the interpreter it runs on)."""
+        with requirement_args(requirements) as args, tempfile.TemporaryDirectory(prefix="fal_magic-resolve-") as work:
+            report = Path(work) / "report.json"
+            _run([str(python), "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                  "--report", str(report), "--disable-pip-version-check", "--no-input", "--no-color",
+                  *options, *args], on_line)
+            installs = json.loads(report.read_text()).get("install", [])
+        out = []
+        for item in installs:
+            name, version = item["metadata"]["name"], item["metadata"]["version"]
+            url = item.get("download_info", {}).get("url", "")
+            out.append(f"{name} @ {url}" if item.get("is_direct") and url else f"{name}=={version}")
+        return out
 
 
 def find_uv() -> str | None:

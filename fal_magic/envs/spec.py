@@ -24,6 +24,7 @@ from ..errors import EnvironmentBuildError
 from ..masking import mask_credentials
 from .indexes import Indexes
 from .local import LocalPackage, looks_local, resolve
+from .lockfile import package_order
 
 #: What every environment needs so a kernel can run there, besides the user's requirements.
 KERNEL_PACKAGES = ("ipykernel",)
@@ -83,6 +84,10 @@ class EnvSpec:
     constraints: tuple[str, ...] = ()
     #: The local packages among ``requirements``: (requirement, package).
     local: tuple[tuple[str, LocalPackage], ...] = ()
+    #: The exact distributions to install, from a lock file (empty: resolve ``install_list``).
+    locked: tuple[str, ...] = ()
+    #: The lock file ``locked`` came from, for messages (not part of the key).
+    lock_file: str = field(default="", compare=False)
 
     @cached_property  # (computed once per spec: the pool asks on every call)
     def key(self) -> str:
@@ -94,6 +99,8 @@ class EnvSpec:
             parts["constraints"] = self.constraints
         if self.local:
             parts["local"] = [[req, pkg.digest] for req, pkg in self.local]
+        if self.locked:  # (a locked environment is the set it got: another set, another environment)
+            parts["locked"] = self.locked
         blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -110,6 +117,19 @@ class EnvSpec:
         A user's own pin of ipykernel is kept beside the bare name, so the resolver honours it.
         """
         return [*self.requirements, *KERNEL_PACKAGES, f"cloudpickle=={self.cloudpickle}"]
+
+    def with_lock(self, packages: Iterable[str], lock_file: str) -> EnvSpec:
+        """This spec built from exactly ``packages`` (recorded in ``lock_file``), without resolving."""
+        own = f"cloudpickle=={self.cloudpickle}"  # (this host's, whatever the recording host had)
+        exact = sorted({p for p in packages if not _is_cloudpickle(p)} | {own}, key=package_order)
+        return replace(self, locked=tuple(exact), lock_file=lock_file)
+
+
+def _is_cloudpickle(package: str) -> bool:
+    try:
+        return canonicalize_name(Requirement(package).name) == "cloudpickle"
+    except InvalidRequirement:
+        return False
 
 
 def make_spec(requirements: Iterable[str] | str = (), *, indexes: Indexes | None = None,

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, spec_for
 from ..envs.indexes import own_settings, site_settings
+from ..envs.lockfile import LockFile
 from ..masking import mask_credentials
 from ..errors import FalMagicError, KernelStartError
 from ..leftovers import remove_orphaned
@@ -102,6 +103,7 @@ class KernelPool:
         self._owner = os.getpid()  # a forked child must never touch this process's kernels
         self._kernels: dict[str, list[Kernel]] = {}  # by slot: the key, plus the host if remote
         self._caches: dict[Path, EnvCache] = {}
+        self._lock_files: dict[Path, LockFile] = {}  # (each caches its entries until the file changes)
         self._cond = threading.Condition()
         self._culler: threading.Thread | None = None
         self._closed = False
@@ -122,6 +124,14 @@ class KernelPool:
         if cache is None or (cache.installer_choice, cache.prefer_cached) != (cfg.installer, cfg.prefer_cached):
             cache = self._caches[home] = EnvCache(home, cfg.installer, cfg.prefer_cached)
         return cache
+
+    def _lock_file(self) -> LockFile | None:
+        """The lock file environments built here follow (``FalMagic.lock``), if one is set."""
+        path = self.config.lock_path()
+        if path is None:
+            return None
+        with self._cond:
+            return self._lock_files.setdefault(path, LockFile(path))
 
     def runtime_dir(self) -> Path:
         """This process's owner-only directory for connection files and IPC sockets (a short path,
@@ -167,6 +177,9 @@ class KernelPool:
             require_local_kernels()
             cfg = self.config
             spec = spec.resolved(site_settings(own_settings(cfg.index_url, cfg.extra_index_urls, cfg.find_links)))
+            lock = self._lock_file()
+            if lock is not None:
+                spec = self._cache().locked(spec, lock, progress)
         else:
             _check_remote_spec(spec, url)
         tag = _env_tag(variables)

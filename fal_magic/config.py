@@ -76,6 +76,11 @@ class FalMagic(Configurable):
     find_links = List(Unicode(), config=True,
                       help="Directories or pages of distribution files for environments built here.")
 
+    python = Unicode(
+        "", config=True,
+        help="The Python version of environments (e.g. '3.12'), for isolated functions decorated and cells run "
+             "after it is set; empty: the notebook's own. A function then travels as its source.",
+    )
     lock = Unicode(
         None, allow_none=True, config=True,
         help="A lock file recording the exact packages each environment built here got, so that a colleague "
@@ -109,18 +114,6 @@ class FalMagic(Configurable):
         if env:
             return Path(env).expanduser()
         return Path(platformdirs.user_cache_dir("fal_magic", appauthor=False))
-
-    def lock_path(self) -> Path | None:
-        """The lock file in use: the configured path, the one beside this notebook for 'auto', or None."""
-        if not self.lock:
-            return None
-        if self.lock == "auto":
-            from .envs.lockfile import lock_beside
-            from .notebook_file import notebook_file
-
-            notebook = notebook_file()
-            return lock_beside(notebook) if notebook is not None else None
-        return Path(self.lock).expanduser().absolute()
 
     def resolved_token(self) -> str:
         """The configured token, else $FAL_MAGIC_TOKEN."""

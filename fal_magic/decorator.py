@@ -13,7 +13,7 @@ import numbers
 import threading
 import warnings
 from dataclasses import asdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict
 
 from fal_magic_inside.broker import isolated_proxy, register_runner
@@ -30,7 +30,8 @@ from .kernel.remote import check_url
 from .platforms import after_fork_in_child
 from .kernel.contract import Frames
 from .kernel.request import Stop, stopping
-from .kernel.wire import dump_call, load_result, rebuild_exception
+from .kernel.by_source import dump_by_source
+from .kernel.wire import code_files, dump_call, load_result, rebuild_exception
 from .outputs import CallerOutput
 from .progress import StatusLine
 
@@ -52,6 +53,7 @@ class Options(TypedDict):
     machine_type: str | None
     host: str | None
     env: dict[str, str] | None
+    python_version: str | None
 
 
 _OPTION_NAMES = tuple(Options.__annotations__)
@@ -128,6 +130,10 @@ def check_env(env: Any) -> dict[str, str] | None:
 
 
 def _check_options(kind: str, keep_alive: float | None, max_kernels: int, host: str | None = None) -> None:
+    if kind == "conda":
+        raise FalMagicError("kind='conda' is not supported: fal_magic builds virtualenvs from PyPI-style indexes "
+                            "(no conda channel). Use kind='virtualenv' with requirements=[...] for the packages, "
+                            "and python_version='3.12' (say) for another Python")
     if kind not in SUPPORTED_KINDS:
         raise FalMagicError(f"environment kind {kind!r} is not supported here; supported: "
                             f"{', '.join(SUPPORTED_KINDS)}")
@@ -158,19 +164,20 @@ class IsolatedFunction:
     def __init__(self, func: Callable[..., Any], *, kind: str = "virtualenv", requirements: Requirements = (),
                  keep_alive: float | None = None, max_kernels: int = 1, machine_type: str | None = None,
                  host: str | None = None, env: Mapping[str, str] | None = None,
-                 indexes: dict[str, Any] | None = None, constraints: tuple[str, ...] = ()) -> None:
+                 indexes: dict[str, Any] | None = None, constraints: tuple[str, ...] = (),
+                 python_version: str | None = None) -> None:
         if not callable(func):
             raise FalMagicError(f"@isolated decorates a function, not {type(func).__name__}")
         _check_options(kind, keep_alive, max_kernels, host)
         if machine_type is not None and not (settings().host if host is None else host):
             _warn_machine_type(machine_type)  # (a server with host groups enforces it)
         self.func = func
-        self.spec: EnvSpec = spec_for(requirements, indexes, constraints)
+        self.spec: EnvSpec = spec_for(requirements, indexes, constraints, python_version or settings().python or None)
         self._options: Options = {"kind": kind, "requirements": self.spec.requirements,
                                   "indexes": None if self.spec.indexes.is_default else asdict(self.spec.indexes),
                                   "constraints": self.spec.constraints, "keep_alive": keep_alive,
                                   "max_kernels": max_kernels, "machine_type": machine_type, "host": host,
-                                  "env": check_env(env)}
+                                  "env": check_env(env), "python_version": python_version}
         functools.update_wrapper(self, func)
 
     @property
@@ -207,8 +214,13 @@ class IsolatedFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True  # IPython shows the remote frames, not these
-        frames = dump_call(self.func, args, kwargs)
-        return self._run(frames)
+        return self._run(self._dump(args, kwargs))
+
+    def _dump(self, args: Sequence[Any], kwargs: dict[str, Any], via: Callable[..., Any] | None = None) -> Frames:
+        """The call's frames: cloudpickle on the host's own Python; on another, the function as source."""
+        if self.spec.same_python:
+            return dump_call(self.func, args, kwargs, via)
+        return dump_by_source(self.func, args, kwargs, code_files(self.func), via)
 
     def _run(self, frames: Frames, sink: CallerOutput | None = None, status: StatusLine | None = None) -> Any:
         """One call through the pool; ``sink`` and ``status`` are made in the caller's context (a worker
@@ -237,8 +249,7 @@ class IsolatedFunction:
 
         The call is pickled now, so its arguments are taken as they are at this moment.
         """
-        frames = dump_call(self.func, args, kwargs)
-        return self._start(frames)[0]
+        return self._start(self._dump(args, kwargs))[0]
 
     def _start(self, frames: Frames) -> tuple[CallFuture, concurrent.futures.Future[None]]:
         """Run a call in a worker thread: its future, and the worker's (done once the kernel is free
@@ -260,7 +271,7 @@ class IsolatedFunction:
             chunksize = max(1, -(-len(items) // (4 * self.max_kernels)))
         if not isinstance(chunksize, int) or chunksize < 1:
             raise FalMagicError(f"chunksize must be an integer >= 1, not {chunksize!r}")
-        started = [self._start(dump_call(self.func, [items[start:start + chunksize]], {}, via=map_chunk))
+        started = [self._start(self._dump([items[start:start + chunksize]], {}, via=map_chunk))
                    for start in range(0, len(items), chunksize)]
         grace = settings().interrupt_grace
 
@@ -299,25 +310,30 @@ class IsolatedFunction:
 
 def isolated(kind: str | Callable[..., Any] = "virtualenv", *, requirements: Requirements = (),
              keep_alive: float | None = None, max_kernels: int = 1,
-             machine_type: str | None = None, host: str | None = None, env: Mapping[str, str] | None = None) -> Any:
+             machine_type: str | None = None, host: str | None = None, env: Mapping[str, str] | None = None,
+             python_version: str | None = None) -> Any:
     """Run the decorated function in a warm, isolated kernel whose environment has ``requirements``.
 
     Usable bare (``@isolated``), with parentheses, or with the environment kind first
     (``@isolated("virtualenv", requirements=[...])``), as in fal_serverless. ``host`` is a Jupyter
     Server URL with the fal_magic extension (default: the configured ``host``; "" is this machine).
     ``env`` gives the kernel environment variables (secrets included): never shown, not part of the
-    requirements key, and kernels with other values are other kernels.
+    requirements key, and kernels with other values are other kernels. ``python_version`` (``"3.12"``)
+    runs the function on another installed Python (default: ``FalMagic.python``, else this one's); the
+    function then travels as its source, and arguments and results as plain pickles.
     """
     if callable(kind):
         return IsolatedFunction(kind, requirements=requirements, keep_alive=keep_alive,
-                                max_kernels=max_kernels, machine_type=machine_type, host=host, env=env)
+                                max_kernels=max_kernels, machine_type=machine_type, host=host, env=env,
+                                python_version=python_version)
     _check_options(kind, keep_alive, max_kernels, host)
     check_env(env)
-    spec_for(requirements)  # a bad requirement (or file) fails at decoration, before anything is built
+    spec_for(requirements, python=python_version)  # a bad requirement (or version) fails at decoration
 
     def decorate(func: Callable[..., Any]) -> IsolatedFunction:
         return IsolatedFunction(func, kind=kind, requirements=requirements, keep_alive=keep_alive,
-                                max_kernels=max_kernels, machine_type=machine_type, host=host, env=env)
+                                max_kernels=max_kernels, machine_type=machine_type, host=host, env=env,
+                                python_version=python_version)
 
     return decorate
 

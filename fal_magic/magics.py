@@ -17,10 +17,11 @@ from . import debugging
 from .config import FalMagic, settings
 from .envs import spec_for
 from .envs.spec import describe_requirements
-from .errors import EnvironmentBuildError, FalMagicError, remote_cell_error
+from .errors import FalMagicError, remote_cell_error
 from .kernel import get_pool
 from .kernel.contract import NotStartedError
 from .kernel.tracebacks import attach, renumber_cells
+from .kernel.by_source import dump_values_by_source
 from .kernel.wire import dump_values, load_result
 from .outputs import CellOutput, RemoteValue
 from .progress import StatusLine
@@ -86,6 +87,9 @@ class IsolatedMagics(Magics):
               help="PEP 508 requirement specifiers for the cell's environment")
     @argument("--requirements-file", action="append", default=[], metavar="PATH",
               help="a pip requirements file (comments and -r includes) for the cell's environment")
+    @argument("--python", default=None, metavar="VERSION",
+              help="the Python version of the cell's environment, e.g. 3.12 (default: FalMagic.python, else "
+                   "the notebook's own)")
     @argument("--host", default=None, metavar="URL",
               help="a Jupyter Server with the fal_magic extension to run the cell on (default: FalMagic.host)")
     @argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
@@ -108,15 +112,17 @@ class IsolatedMagics(Magics):
         if args.keep_alive is not None and args.keep_alive < 0:
             raise UsageError(f"--keep-alive must be >= 0, not {args.keep_alive:g}")
         try:
-            spec = spec_for([*args.requirements, *(Path(p) for p in args.requirements_file)])
-        except EnvironmentBuildError as exc:
+            spec = spec_for([*args.requirements, *(Path(p) for p in args.requirements_file)],
+                            python=args.python or settings().python or None)
+        except FalMagicError as exc:
             raise UsageError(str(exc)) from None
         push, pull = _names(args.push), _names(args.pull)
         env = _variables(args.env)
         missing = [n for n in push if n not in shell.user_ns]
         if missing:
             raise UsageError(f"--push: not defined in the notebook: {', '.join(missing)}")
-        push_frames = dump_values({n: shell.user_ns[n] for n in push}) if push else None
+        dump = dump_values if spec.same_python else dump_values_by_source
+        push_frames = dump({n: shell.user_ns[n] for n in push}) if push else None
         keep_alive = settings().cell_keep_alive if args.keep_alive is None else args.keep_alive
 
         pool = get_pool()

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from .envs.lockfile import lock_beside
+
 
 def notebook_file() -> Path | None:
     """The ``.ipynb`` file this process is the kernel of, or None (a script, a console, a terminal)."""
@@ -24,3 +26,14 @@ def notebook_file() -> Path | None:
             path = Path(value)
             return path if path.is_absolute() else Path.cwd() / path.name
     return None
+
+
+def lock_path(setting: str | None) -> Path | None:
+    """The lock file ``FalMagic.lock`` names: a path, the one beside this notebook for 'auto' (None
+    outside a notebook), or None when it is off."""
+    if not setting:
+        return None
+    if setting == "auto":
+        notebook = notebook_file()
+        return lock_beside(notebook) if notebook is not None else None
+    return Path(setting).expanduser().absolute()

@@ -46,7 +46,7 @@ class Broker:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
 
-    def call(self, options: dict[str, Any], fn: Callable[..., Any], args: tuple[Any, ...],
+    def call(self, options: dict[str, Any], fn: Callable[..., Any] | None, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
         header = json.dumps({"op": "nested", "nonce": os.urandom(8).hex()}).encode()
         self.socket.send_multipart([sign(self.key, header), header, *dumps((options, fn, args, kwargs))],
@@ -83,8 +83,8 @@ class isolated_proxy:  # noqa: N801 - stands in for an isolated function
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if broker is not None:
-            return broker.call(self.options, self.fn, args, kwargs)
+        if broker is not None:  # (a function from another Python goes back by the host's reference only)
+            return broker.call(self.options, None if "host_ref" in self.options else self.fn, args, kwargs)
         if os.environ.get(REMOTE_ENV):
             raise NestedCallError(f"{self.fn.__qualname__}() is isolated: it cannot be called from inside a kernel "
                                   "on a remote server (nested isolated calls are brokered by a local host only)")

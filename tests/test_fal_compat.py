@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
 
 import pytest
@@ -120,8 +121,22 @@ def test_kind_first_and_unsupported_kinds():
         return "ok"
 
     assert ok() == "ok"
-    with pytest.raises(FalMagicError, match="'conda' is not supported here; supported: virtualenv"):
+    with pytest.raises(FalMagicError, match="kind='conda' is not supported.* Use kind='virtualenv'"):
         isolated("conda", requirements=["numpy"])
+    with pytest.raises(FalMagicError, match="'kubernetes' is not supported here; supported: virtualenv"):
+        isolated("kubernetes")
+
+
+def test_fal_python_version_runs_on_that_python():
+    other = "3.12" if sys.version_info[:2] != (3, 12) else "3.13"
+
+    @isolated("virtualenv", python_version=other, keep_alive=30)
+    def version():
+        import sys
+
+        return "%d.%d" % sys.version_info[:2]
+
+    assert version() == other
 
 
 def test_machine_type_is_recorded_and_warned_about_once(monkeypatch):

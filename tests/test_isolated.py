@@ -293,8 +293,8 @@ def test_decorator_forms():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(FalMagicError, match="kind 'conda' is not supported.*virtualenv"):
-        isolated("conda")
+    with pytest.raises(FalMagicError, match="kind 'docker' is not supported.*virtualenv"):
+        isolated("docker")
     with pytest.raises(FalMagicError, match="keep_alive"):
         isolated(keep_alive=-1)
     with pytest.raises(FalMagicError, match="max_kernels"):

@@ -14,10 +14,11 @@ __all__ = ["Env", "EnvCache", "EnvRecord", "EnvSpec", "Indexes", "make_spec", "s
 
 
 def spec_for(requirements: Requirements, indexes: dict[str, Any] | None = None,
-             constraints: Iterable[str] = ()) -> EnvSpec:
+             constraints: Iterable[str] = (), python: str | None = None) -> EnvSpec:
     """The spec of ``requirements`` as a user gives them (strings, local paths, requirements files,
     whose constraints and index options come along), or as isolated functions carry them in plain
-    data (files already read: ``indexes`` as a dict, ``constraints``)."""
+    data (files already read: ``indexes`` as a dict, ``constraints``); ``python``: see make_spec."""
     parsed = expand(requirements)
     sources = Indexes(**indexes).over(parsed.indexes) if indexes else parsed.indexes
-    return make_spec(parsed.requirements, indexes=sources, constraints=[*parsed.constraints, *constraints])
+    return make_spec(parsed.requirements, indexes=sources, constraints=[*parsed.constraints, *constraints],
+                     python=python)

@@ -23,16 +23,16 @@ def site_packages(env: Path) -> Path | None:
     return found[0] if found else None
 
 
-def link_bytecode(env: Path, donors: Sequence[Path]) -> int:
-    """Give ``env``'s ``.py`` files the ``.pyc`` of the first donor environment whose file is the same
-    inode (hard links). Returns how many were linked."""
+def link_bytecode(env: Path, donors: Sequence[Path], tag: str = sys.implementation.cache_tag) -> int:
+    """Give ``env``'s ``.py`` files the ``.pyc`` (of Python ``tag``, e.g. ``cpython-312``) of the first
+    donor environment whose file is the same inode (hard links). Returns how many were linked."""
     site = site_packages(env)
     if site is None:
         return 0
     donor_sites = [s for s in (site_packages(d) for d in donors) if s is not None]
     if not donor_sites:
         return 0
-    suffix = f".{sys.implementation.cache_tag}.pyc"
+    suffix = f".{tag}.pyc"
     linked = 0
     for root, dirs, files in os.walk(site):
         dirs[:] = [d for d in dirs if d != "__pycache__"]

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from ..errors import EnvironmentBuildError, FalMagicError
 from .bytecode import link_bytecode
 from .installers import InstallFailed, Installer, pick_installer
 from .local import LocalPackage
+from .interpreters import find_python
 from .lockfile import LockEntry, LockFile, identity_of
 from ..masking import mask_credentials
 from .spec import EnvSpec, describe_requirements
@@ -234,7 +234,8 @@ class EnvCache:
             raise EnvironmentBuildError(str(exc)) from None
         try:
             step = time.perf_counter()
-            self._create_venv(path)
+            interpreter = find_python(spec.python)
+            self._create_venv(path, interpreter)
             progress(f"created virtualenv in {time.perf_counter() - step:.2f}s")
             step = time.perf_counter()
             python = path / "bin" / "python"
@@ -247,7 +248,7 @@ class EnvCache:
             progress(f"installed {describe_requirements(spec.requirements)} with {installer.name} "
                      f"in {time.perf_counter() - step:.2f}s")
             step = time.perf_counter()
-            linked = link_bytecode(path, self._donors(path))
+            linked = link_bytecode(path, self._donors(path), cache_tag(spec.python))
             if linked:
                 progress(f"linked the bytecode of {linked} files from other environments "
                          f"in {time.perf_counter() - step:.2f}s")
@@ -299,7 +300,7 @@ class EnvCache:
         progress(f"resolving {describe_requirements(spec.requirements)} for the lock file")
         try:
             with _options(installer, spec) as options:
-                return installer.resolve(Path(sys.executable), spec.install_list,
+                return installer.resolve(find_python(spec.python), spec.install_list,
                                          lambda line: progress(INSTALLER_LINE + line), options)
         except InstallFailed as exc:
             raise EnvironmentBuildError(self._install_message(spec, exc.output, installer.name)) from None
@@ -316,11 +317,11 @@ class EnvCache:
         return [p for _, p in sorted(built, reverse=True)[:limit]]
 
     @staticmethod
-    def _create_venv(path: Path) -> None:
+    def _create_venv(path: Path, interpreter: Path) -> None:
         from virtualenv import cli_run
 
         try:
-            cli_run([str(path), "--no-seed", "--no-periodic-update", "--quiet", "-p", sys.executable],
+            cli_run([str(path), "--no-seed", "--no-periodic-update", "--quiet", "-p", str(interpreter)],
                     setup_logging=False)
         except (Exception, SystemExit) as exc:
             raise EnvironmentBuildError(f"virtualenv could not create {path}: {exc}") from None
@@ -429,6 +430,12 @@ def _options(installer: Installer, spec: EnvSpec) -> Iterator[list[str]]:
             constraints.write_text("\n".join(spec.constraints) + "\n")
             options += ["-c", str(constraints)]
         yield options
+
+
+def cache_tag(python: str) -> str:
+    """``cpython-3.12`` -> ``cpython-312``, the tag of that Python's ``.pyc`` files."""
+    name, _, version = python.partition("-")
+    return f"{name}-{version.replace('.', '')}"
 
 
 def _locked_names(package: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from packaging.utils import canonicalize_name
 from ..errors import EnvironmentBuildError
 from ..masking import mask_credentials
 from .indexes import Indexes
+from .interpreters import python_tag
 from .local import LocalPackage, looks_local, resolve
 from .lockfile import package_order
 
@@ -104,6 +105,11 @@ class EnvSpec:
         blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @property
+    def same_python(self) -> bool:
+        """Whether the environment runs the host's own Python (functions then travel as bytecode)."""
+        return self.python == host_python()
+
     def resolved(self, site: Indexes) -> EnvSpec:
         """This spec with the sources set where fal_magic runs (``site``) under its own, and its local
         packages read again (an edited package makes another key)."""
@@ -133,9 +139,10 @@ def _is_cloudpickle(package: str) -> bool:
 
 
 def make_spec(requirements: Iterable[str] | str = (), *, indexes: Indexes | None = None,
-              constraints: Iterable[str] = (), base: Path | None = None) -> EnvSpec:
+              constraints: Iterable[str] = (), base: Path | None = None, python: str | None = None) -> EnvSpec:
     """Normalize ``requirements`` (a list of PEP 508 strings or local package paths, or one string)
     into an EnvSpec; relative paths are taken from ``base`` (default: the working directory).
+    ``python`` (``"3.12"``) is the environment's Python version; default: the host's.
 
     Raises EnvironmentBuildError for an invalid specifier, a missing local package, or a cloudpickle
     pin that excludes the host's version (the two sides must unpickle each other's objects).
@@ -161,6 +168,7 @@ def make_spec(requirements: Iterable[str] | str = (), *, indexes: Indexes | None
                 f"requirement {text!r} conflicts with the host's cloudpickle=={cp}: the environment needs "
                 "the host's exact cloudpickle version so that functions and results can cross"
             )
-    return EnvSpec(requirements=normalized, python=host_python(), cloudpickle=cp, indexes=indexes or Indexes(),
+    return EnvSpec(requirements=normalized, python=python_tag(python) if python else host_python(),
+                   cloudpickle=cp, indexes=indexes or Indexes(),
                    constraints=tuple(sorted({normalize_requirement(c) for c in constraints})),
                    local=tuple(sorted(local.items())))

@@ -134,6 +134,7 @@ class LocalKernel(Kernel):
                  shm_dir: Path | None = None, env: Mapping[str, str] | None = None, fork: bool = True) -> None:
         super().__init__(key, requirements)
         self.cache = cache
+        self.python: str | None = None  # the environment's (cpython-3.12), once started
         self.fork = fork  # forked from the environment's template (else launched as a new process)
         self.env = dict(env or {})  # the caller's variables for this kernel (never shown)
         self.runtime_dir = runtime_dir
@@ -155,6 +156,7 @@ class LocalKernel(Kernel):
         """Get the environment from the cache (building it once), launch the kernel on it over IPC,
         and wait until the runtime answers."""
         env = self.cache.get(spec, progress)
+        self.python = spec.python
         ensure_descriptors(DESCRIPTORS_PER_KERNEL)
         started = time.perf_counter()
         km = KernelManager(
@@ -229,7 +231,7 @@ class LocalKernel(Kernel):
             hello = self._wait(kc.iopub_channel, timeout, "while starting", is_hello)["content"]["data"]
         except TimeoutError:
             raise KernelStartError("the fal_magic runtime in the kernel did not answer") from None
-        check_hello(hello)
+        check_hello(hello, self.python)
         self.pid = hello["pid"]
         if hello.get("fast"):  # the runtime has bound its fast channel
             self.fast = zmq_context().socket(zmq.PAIR)

@@ -30,6 +30,7 @@ from ..envs.lockfile import LockFile
 from ..masking import mask_credentials
 from ..errors import FalMagicError, KernelStartError
 from ..leftovers import remove_orphaned
+from ..notebook_file import lock_path
 from ..outputs import OutputSink
 from ..platforms import after_fork_in_child, require_local_kernels
 from . import forked
@@ -37,7 +38,8 @@ from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, 
 from .local import LocalKernel
 from .remote import RemoteKernel, ServerClient, check_url
 from ..progress import log_progress
-from .wire import describe_exception, dump_call, dumps, loads
+from .by_source import HOST_REF, dump_by_source, travelled
+from .wire import code_files, describe_exception, dump_call, dumps, loads
 
 log = logging.getLogger("fal_magic")
 
@@ -88,6 +90,9 @@ def _check_remote_spec(spec: EnvSpec, url: str) -> None:
     if spec.local:
         raise FalMagicError(f"local packages ({', '.join(req for req, _ in spec.local)}) are on this machine; the "
                             f"Jupyter Server at {url} cannot install them: publish them to an index it can reach")
+    if not spec.same_python:
+        raise FalMagicError(f"the Jupyter Server at {url} runs kernels on its own Python; python_version "
+                            f"({spec.python}) is for kernels on this machine")
     if not spec.indexes.is_default or spec.constraints:
         raise FalMagicError(f"the Jupyter Server at {url} builds environments from its own package index settings; "
                             "index options and constraints (-c) of a requirements file apply to kernels on this "
@@ -127,7 +132,7 @@ class KernelPool:
 
     def _lock_file(self) -> LockFile | None:
         """The lock file environments built here follow (``FalMagic.lock``), if one is set."""
-        path = self.config.lock_path()
+        path = lock_path(self.config.lock)
         if path is None:
             return None
         with self._cond:
@@ -331,7 +336,10 @@ class KernelPool:
         def handle(frames: Frames, sink: OutputSink) -> tuple[bytes, Frames]:
             try:
                 options, fn, args, kwargs = loads(frames)
-                spec = spec_for(options.get("requirements", ()), options.get("indexes"), options.get("constraints", ()))
+                if fn is None:  # a proxy from a kernel on another Python: the function is ours, by reference
+                    fn = travelled(options[HOST_REF]).func
+                spec = spec_for(options.get("requirements", ()), options.get("indexes"), options.get("constraints", ()),
+                                options.get("python_version"))
                 name = getattr(fn, "__qualname__", "?")
                 if spec.key in chain:
                     raise FalMagicError(
@@ -340,7 +348,9 @@ class KernelPool:
                 if len(chain) >= MAX_NESTING:
                     raise FalMagicError(f"isolated calls nested more than {MAX_NESTING} deep (at {name}())")
                 keep_alive = options.get("keep_alive")
-                reply = self.call(spec, dump_call(fn, args, kwargs), sink,
+                call = (dump_call(fn, args, kwargs) if spec.same_python
+                        else dump_by_source(fn, args, kwargs, code_files(fn)))
+                reply = self.call(spec, call, sink,
                                   keep_alive=self.config.default_keep_alive if keep_alive is None else keep_alive,
                                   max_kernels=options.get("max_kernels", 1),
                                   machine_type=options.get("machine_type"), chain=chain,

@@ -120,13 +120,16 @@ def is_runtime_reply(kind: str, content: dict[str, Any]) -> bool:
     return kind == "comm_msg" and content.get("data", {}).get("op") == "result"
 
 
-def check_hello(hello: Hello) -> None:
-    """Refuse a kernel whose Python or cloudpickle differs from the host's: pickles cannot cross."""
-    host = [sys.version_info.major, sys.version_info.minor]
-    if hello["python"][:2] != host or hello["implementation"] != sys.implementation.name:
+def check_hello(hello: Hello, python: str | None = None) -> None:
+    """Refuse a kernel whose Python is not ``python`` (``cpython-3.12``; default: the host's), or
+    whose cloudpickle differs from the host's: pickles cannot cross."""
+    wanted = python or f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}"
+    running = f"{hello['implementation']}-{hello['python'][0]}.{hello['python'][1]}"
+    if running != wanted:
         raise KernelStartError(
             f"the kernel runs {hello['implementation']} {'.'.join(map(str, hello['python']))} "
-            f"but the host runs {sys.implementation.name} {sys.version.split()[0]}: pickles cannot cross"
+            f"but {wanted.replace('-', ' ')} was expected (the host runs {sys.implementation.name} "
+            f"{sys.version.split()[0]}): pickles cannot cross"
         )
     import cloudpickle
 

@@ -253,7 +253,31 @@ def main() -> None:
     row("fal_magic first call, new env + 1 small requirement",
         ms(statistics.median(new_env_beside_others(i) for i in range(new_envs))),
         f"median of {new_envs} new keys; warm uv cache, another env in the cache; includes kernel start")
-    fal_magic.configure(home=str(home))
+    # a lock per environment: a new environment built from a lock entry, beside the same one resolved
+    lock = Path(tempfile.mkdtemp(prefix="fal_bench_lock_")) / "bench.isolated.lock"
+    locked_requirements = ["humanize==4.16.0", "text-unidecode==1.3"]
+
+    def new_env(lock_file: Path | None) -> float:
+        fal_magic.configure(home=tempfile.mkdtemp(prefix="fal_bench_new_"), lock=str(lock_file) if lock_file else None)
+        t = time.perf_counter()
+        isolated(keep_alive=0, requirements=locked_requirements)(noop)()
+        took = time.perf_counter() - t
+        get_pool().shutdown()
+        return took
+
+    recording = new_env(lock)  # (no entry yet: resolve, record, build from the record)
+    resolved, from_lock = [], []
+    for _ in range(new_envs):  # interleaved, so that both meet the same machine
+        resolved.append(new_env(None))
+        from_lock.append(new_env(lock))
+    row("fal_magic first call, new env resolved (2 requirements)", ms(statistics.median(resolved)),
+        f"median of {new_envs}, each a new cache; warm uv cache; includes kernel start")
+    row("fal_magic first call, the same env from the lock", ms(statistics.median(from_lock)),
+        f"same run; exact set installed with --no-deps, nothing resolved; "
+        f"{statistics.median(from_lock) / statistics.median(resolved):.2f}x resolved")
+    row("fal_magic first call, lock without its entry yet", ms(recording),
+        "one run: resolve (uv pip compile), record, then build from the record")
+    fal_magic.configure(home=str(home), lock=None)
     get_pool().shutdown()
 
     # -- warm round trips ----------------------------------------------------------------------
@@ -270,6 +294,20 @@ def main() -> None:
     row("raw jupyter_client execute_request", ms(raw))
     warm = median_time(f_noop, reps)
     row("fal_magic warm call", ms(warm), f"{warm / raw:.2f}x raw execute_request")
+    from fal_magic.envs.interpreters import SUPPORTED, find_python
+
+    host = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for other in [v for v in SUPPORTED if v != host][-1:]:
+        try:
+            find_python(f"cpython-{other}")
+        except fal_magic.FalMagicError:
+            print(f"  (Python {other} not installed: no cross-version row)")
+            continue
+        f_other = isolated(keep_alive=600, python_version=other)(noop)
+        f_other()
+        across = median_time(f_other, reps)
+        row(f"fal_magic warm call on Python {other} (function as source)", ms(across),
+            f"{across / warm:.2f}x the same call on the notebook's own Python {host}")
 
     ipp_rc = None
     try:

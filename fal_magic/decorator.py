@@ -292,18 +292,35 @@ class IsolatedFunction:
         return results()
 
     def warmup(self) -> concurrent.futures.Future[Any]:
-        """Start the key's kernel(s) in the background so that a later first call is fast."""
+        """Start the key's kernel(s) in the background, all at once, so that a later first call is fast."""
         pool = get_pool()
+        count = self.max_kernels
+        all_held = threading.Barrier(count)  # each kernel is held until every one is: the next acquire starts another
+        errors: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                kernel = pool.acquire(self.spec, count, machine_type=self._options["machine_type"],
+                                      host=self._options["host"], env=self._options["env"])
+            except BaseException as exc:
+                errors.append(exc)
+                all_held.abort()
+                return
+            try:
+                all_held.wait()
+            except threading.BrokenBarrierError:
+                pass
+            finally:
+                pool.release(kernel, self.keep_alive)
 
         def start() -> None:
-            leased = []
-            try:  # hold each new kernel so that the next acquire starts another, up to max_kernels
-                for _ in range(self.max_kernels):
-                    leased.append(pool.acquire(self.spec, self.max_kernels, machine_type=self._options["machine_type"],
-                                               host=self._options["host"], env=self._options["env"]))
-            finally:
-                for kernel in leased:
-                    pool.release(kernel, self.keep_alive)
+            holders = [threading.Thread(target=hold, name="fal_magic-warmup", daemon=True) for _ in range(count)]
+            for thread in holders:
+                thread.start()
+            for thread in holders:
+                thread.join()
+            if errors:
+                raise errors[0]
 
         return _background().submit(start)
 

@@ -66,6 +66,7 @@ class HostGroups:
         self.home = home
         self._turns = {name: itertools.cycle(g["hosts"]) for name, g in self.groups.items()}
         self._lock = threading.Lock()
+        self._built: dict[tuple[str, str], tuple[str, str]] = {}  # (host, key) -> its Python and launcher
 
     def group(self, machine_type: str) -> dict[str, Any]:
         if machine_type not in self.groups:
@@ -80,7 +81,16 @@ class HostGroups:
             return next(self._turns[machine_type])
 
     def build_on(self, host: str, spec: EnvSpec, progress: Callable[[str], None]) -> tuple[str, str]:
-        """Build (or find) ``spec``'s environment on ``host``; return its Python and launcher paths."""
+        """Build (or find) ``spec``'s environment on ``host``; return its Python and launcher paths.
+
+        An environment this server built there before is only checked for (its two files, over the
+        shared connection: a few ms, where running the build command to find it costs ~0.3 s)."""
+        known = self._built.get((host, spec.key))
+        if known is not None:
+            python, launcher = known
+            if "ok" in run_on(host, f"test -x {shlex.quote(python)} && test -f {shlex.quote(launcher)} && echo ok"):
+                return known
+            self._built.pop((host, spec.key), None)  # removed on the host since: build it again
         command = " ".join(shlex.quote(part) for part in [
             "env", f"FAL_MAGIC_HOME={self.home}", self.python, "-m", "fal_magic", "envs", "build",
             "--python", spec.python, "--cloudpickle", spec.cloudpickle, "--", *spec.requirements])
@@ -105,7 +115,46 @@ class HostGroups:
             raise EnvironmentBuildError(f"on host {host}: could not build the environment for "
                                         f"{', '.join(spec.requirements) or 'no requirements'}: "
                                         + ("\n".join(output[-20:]) or "the build command said nothing"))
+        self._built[(host, spec.key)] = result["python"], result["launcher"]
         return result["python"], result["launcher"]
+
+
+_connections: dict[str, Any] = {}
+_connections_lock = threading.Lock()
+
+
+def connection(host: str) -> Any:
+    """The server's SSH connection to ``host``, made once and shared by every command and kernel launch
+    (a handshake costs ~0.1 s; paramiko runs many sessions over one transport)."""
+    with _connections_lock:
+        client = _connections.get(host)
+        if client is not None and _alive(client):
+            return client
+    fresh = ssh_client(host)
+    fresh.get_transport().set_keepalive(30)
+    with _connections_lock:
+        current = _connections.get(host)
+        if current is not None and current is not client and _alive(current):
+            fresh.close()  # another thread connected meanwhile
+            return current
+        if current is not None:
+            current.close()
+        _connections[host] = fresh
+        return fresh
+
+
+def _alive(client: Any) -> bool:
+    transport = client.get_transport()
+    return transport is not None and transport.is_active()
+
+
+def close_connections() -> None:
+    """Close the SSH connections to every host (the server is stopping)."""
+    with _connections_lock:
+        clients = list(_connections.values())
+        _connections.clear()
+    for client in clients:
+        client.close()
 
 
 def ssh_client(host: str) -> Any:
@@ -128,16 +177,25 @@ def ssh_client(host: str) -> Any:
 
 
 def run_on(host: str, command: str) -> Iterator[str]:
-    """Run ``command`` on ``host``; its output lines (stderr merged in), as they come."""
-    client = ssh_client(host)
+    """Run ``command`` on ``host`` over the shared connection; its output lines (stderr merged in), as
+    they come."""
+    import paramiko
+
     try:
-        channel = client.get_transport().open_session()
+        channel = connection(host).get_transport().open_session()
+    except paramiko.SSHException:  # the connection broke since it was last used: once more, anew
+        with _connections_lock:
+            broken = _connections.pop(host, None)
+        if broken is not None:
+            broken.close()
+        channel = connection(host).get_transport().open_session()
+    try:
         channel.set_combine_stderr(True)
         channel.exec_command(command)
         for line in channel.makefile("r"):
             yield line.rstrip("\n")
     finally:
-        client.close()
+        channel.close()
 
 
 def end_on_host(host: str, pid: int, kernel_id: str, log: str | None) -> None:

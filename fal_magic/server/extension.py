@@ -36,7 +36,7 @@ from ..masking import mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
 from . import blobs
-from .cluster import HostGroups, HostUnreachable, cluster_spec, slug, ssh_client
+from .cluster import HostGroups, HostUnreachable, close_connections, cluster_spec, connection, slug
 from .launcher import assemble_launcher
 
 #: Kernelspecs made here are named ``fal_magic-<key>``; the culler looks after kernels of those only.
@@ -134,7 +134,7 @@ class FalMagicServer(LoggingConfigurable):
             host = self.groups.next_host(machine_type)
             try:
                 if self.shared_cache:
-                    ssh_client(host).close()
+                    connection(host)
                 else:
                     python, launcher = self.groups.build_on(host, spec, progress)
                 break
@@ -334,6 +334,7 @@ def load(serverapp: Any) -> None:
     route = url_path_join(web_app.settings["base_url"], "fal_magic", "api", "envs")
     web_app.add_handlers(".*$", [(route, EnvsHandler)])
     atexit.register(blobs.add_handlers(web_app, ext.blob_quota).close)
+    atexit.register(close_connections)
     culler = PeriodicCallback(lambda: asyncio.ensure_future(ext.cull_orphans(serverapp.kernel_manager)),
                               1000 * min(5.0, ext.orphan_timeout / 2))
     culler.start()

@@ -567,6 +567,38 @@ def test_warmup_starts_the_kernel_without_calling():
     assert pid() == info.pid
 
 
+SEES_THE_OTHERS = """
+import os, pathlib, time
+starting = pathlib.Path(os.environ["STARTING"])
+(starting / str(os.getpid())).touch()
+deadline = time.monotonic() + 20
+while len(list(starting.iterdir())) < 3 and time.monotonic() < deadline:
+    time.sleep(0.05)
+(starting.parent / f"saw-{os.getpid()}").write_text(str(len(list(starting.iterdir()))))
+"""
+
+
+def test_warmup_starts_every_kernel_at_once(tmp_path):
+    """Each of three kernels, while it starts, waits (up to 20 s) until all three have begun starting:
+    started one after another, the first would see only itself."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SEES_THE_OTHERS)
+    (tmp_path / "starting").mkdir()
+    fal_magic.configure(fork_kernels=False, kernel_start_timeout=120)  # (a forked kernel runs no sitecustomize)
+
+    @isolated(keep_alive=30, max_kernels=3, env={"PYTHONPATH": str(site), "STARTING": str(tmp_path / "starting")})
+    def pid():
+        import os
+
+        return os.getpid()
+
+    pid.warmup().result(timeout=120)
+    kernels = get_pool().snapshot()
+    assert len(kernels) == 3 and all(k.state == "idle" for k in kernels)
+    assert sorted(p.read_text() for p in tmp_path.glob("saw-*")) == ["3", "3", "3"]
+
+
 def test_public_names():
     from fal_magic import (AuthenticationError, EnvironmentBuildError, KernelStartError, cached, configure,
                            kernels)

@@ -27,6 +27,7 @@ from . import broker as _broker
 from .capture import capture_stdout, drain_captured_output
 from .channel import BEGUN_ENV, FAST_ENV, FastChannel
 from .frames import describe_exception, dumps, loads, type_name, without_runtime_frames
+from . import head_blobs
 from .head import HEAD_ENV, watch_head
 from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
 from .sources import may_debug, relabel
@@ -95,11 +96,17 @@ class Runtime:
             directory, name = os.path.split(path)
             uploaded[name] = shm_map(directory, name, os.stat(path).st_size)
             buffers[int(index)] = memoryview(uploaded[name])
+        head = data.get("head_blobs")  # a kernel on a cluster host: its large frames wait on the head
+        key = self.shell.kernel.session.key
+        for index, (name, size) in data.get("fetch", {}).items():
+            buffers[int(index)] = head_blobs.fetch(head, name, size, key)
         kernel = self.shell.kernel
         reply, frames = self.run(data, buffers, stdin=(kernel._parent_ident["shell"], kernel.get_parent("shell")))
         del buffers
         if data.get("blob_dir"):  # large results wait on the server for the host to fetch them
             reply["blobs"] = results_to_blobs(data["blob_dir"], frames, uploaded)
+        elif head:
+            reply["blobs"] = head_blobs.results_to_head(head, frames, key)
         comm.send(reply, buffers=frames)
 
     def run(self, data: dict[str, Any], buffers: list[Any], begin: Callable[[], Any] | None = None,

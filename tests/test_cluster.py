@@ -1,6 +1,10 @@
 """Kernels on a cluster of two sshd hosts behind one Jupyter Server (gateway_provisioners' DistributedProvisioner)."""
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import pytest
 
 import fal_magic
@@ -143,3 +147,55 @@ def test_a_shared_cache_is_built_once_by_the_server_for_every_host(hosts, fal_ho
 
         get_pool().shutdown()
         next(servers, None)
+
+
+def _signed(url: str, method: str, kernel_id: str, key: bytes, data: bytes | None = None, when: int | None = None):
+    """A blob request signed as a kernel signs it: its status and answer."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from fal_magic_inside.head_blobs import KERNEL_HEADER, SIGNATURE_HEADER, TIME_HEADER, signature
+
+    stamp = str(int(time.time()) if when is None else when)
+    headers = {KERNEL_HEADER: kernel_id, TIME_HEADER: stamp,
+               SIGNATURE_HEADER: signature(key, method, urlsplit(url).path, stamp)}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=headers)) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_large_frames_reach_a_host_kernel_through_the_head_blobs_signed_with_its_own_key(cluster, cluster_server):
+    import numpy as np
+
+    @isolated(keep_alive=30, requirements=["numpy"], machine_type="S")
+    def doubled(a):
+        import os
+
+        from fal_magic_inside.head_blobs import moved
+        from IPython import get_ipython
+
+        return a * 2, dict(moved), os.environ["KERNEL_ID"], bytes(get_ipython().kernel.session.key)
+
+    url, server = cluster_server
+    a = np.arange(8 * 2**20 // 8, dtype=np.float64)  # 8 MiB: over the blob threshold both ways
+    twice, moved, kernel_id, key = doubled(a)
+    assert np.array_equal(twice, a * 2)
+    assert moved["fetched"] == 1  # the argument came from the head's blobs, not in websocket parts
+    assert doubled(a)[1]["posted"] == 1  # and the first call's result went back there
+    [blob_dir] = Path("/dev/shm").glob(f"fal_magic-blobs-{server.pid}-*")
+    assert list(blob_dir.iterdir()) == []  # fetched by the kernel, then by the client: nothing left
+
+    blobs = url + "/fal_magic/api/blobs"
+    status, answer = _signed(blobs, "POST", kernel_id, key, b"x" * 100)  # what the kernel does with a result
+    assert status == 200
+    name = json.loads(answer)["name"]
+    assert _signed(f"{blobs}/{name}", "GET", kernel_id, key) == (200, b"x" * 100)
+    assert _signed(f"{blobs}/{name}", "GET", kernel_id, key)[0] == 404  # fetched once, then gone
+    assert _signed(blobs, "POST", kernel_id, b"another key", b"x")[0] == 403
+    assert _signed(blobs, "POST", "no-such-kernel", key, b"x")[0] == 403
+    assert _signed(blobs, "POST", kernel_id, key, b"x", when=int(time.time()) - 3600)[0] == 403  # an old one
+    assert _signed(f"{blobs}/..%2Fserver.log", "GET", kernel_id, key)[0] in (400, 404)
+    assert list(blob_dir.iterdir()) == []

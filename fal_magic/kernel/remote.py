@@ -184,14 +184,14 @@ class ServerClient:
                     kind = EnvironmentBuildError if event.get("type") == "EnvironmentBuildError" else FalMagicError
                     raise kind(f"on {self.url}: {event['error']}")
                 elif "kernel_name" in event:
-                    return event["kernel_name"], event.get("host"), event.get("blobs")
+                    return event["kernel_name"], event.get("host"), event.get("blobs") or event.get("head_blobs")
         raise FalMagicError(f"the Jupyter Server at {self.url} ended the environment build without an answer")
 
-    def upload(self, data: Any) -> str:
-        """Store ``data`` (bytes-like) as a blob on the server; its path there (for the kernel)."""
+    def upload(self, data: Any) -> dict[str, str]:
+        """Store ``data`` (bytes-like) as a blob on the server; its ``name``, and its ``path`` there."""
         with self.request("POST", "/fal_magic/api/blobs", raw=memoryview(data).cast("B"),
                           timeout=BLOB_TIMEOUT) as resp:
-            return str(json.load(resp)["path"])
+            return dict(json.load(resp))
 
     def download(self, name: str, size: int) -> memoryview:
         """Fetch (and so remove) a kernel's result blob from the server, into memory mapped with its
@@ -275,7 +275,9 @@ class RemoteKernel(Kernel):
         self.session = Session(key=os.urandom(32), username="fal_magic")
         self._inbox: queue.Queue = queue.Queue()
         self._death: str | None = None
-        self.blob_dir: str | None = None  # the server's, when the kernel runs on its machine
+        #: Where large frames go beside the websocket: the server's blob directory (a kernel on its
+        #: machine maps them), or its blob URL (a kernel on a cluster host fetches them), or None
+        self.blob_dir: str | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -405,12 +407,13 @@ class RemoteKernel(Kernel):
         are not brokered for a remote kernel (the runtime refuses them with a clear error)."""
         frames = list(frames)
         parts = []
-        blobs: dict[int, str] = {}
+        blobs: dict[int, Any] = {}
         for index, frame in enumerate(frames):
             view = memoryview(frame).cast("B")
             if self.blob_dir is not None and index > 0 and view.nbytes >= BLOB_MIN:
                 try:
-                    blobs[index] = self.server.upload(view)
+                    stored = self.server.upload(view)
+                    blobs[index] = stored["path"] if self.node is None else [stored["name"], view.nbytes]
                     frames[index] = b""
                     continue
                 except FalMagicError as exc:  # e.g. the server's shared memory is full: the websocket then
@@ -421,8 +424,10 @@ class RemoteKernel(Kernel):
                     self._send("shell", self._comm_msg(part), [view[offset:offset + CHUNK]])
                 frames[index] = b""
                 parts.append(index)
-        if self.blob_dir is not None:
+        if self.blob_dir is not None and self.node is None:
             fields.update(blobs=blobs, blob_dir=self.blob_dir)
+        elif self.blob_dir is not None:
+            fields.update(fetch=blobs, head_blobs=self.blob_dir)
         msg_id = self._send("shell", self._comm_msg({"op": op, "id": msg_counter(), "parts": parts, **fields}),
                             frames)
         reply = serve(self, msg_id, sink, grace, "comm")

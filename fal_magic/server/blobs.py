@@ -9,6 +9,7 @@ copied several times by tornado and jupyter_server, which held a 50 MiB round tr
 from __future__ import annotations
 
 import copy
+import hmac
 import json
 import os
 import re
@@ -21,6 +22,8 @@ from typing import Any
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
+
+from fal_magic_inside.head_blobs import KERNEL_HEADER, SIGNATURE_HEADER, TIME_HEADER, signature
 
 from ..leftovers import remove_orphaned
 
@@ -38,6 +41,9 @@ RECEIVE_CHUNK = 4 << 20
 
 #: Bytes sent per write when a blob goes back (each is flushed before the next is read).
 SEND_CHUNK = 8 << 20
+
+#: Seconds a kernel's signed request stays valid (clocks of hosts differ a little).
+SIGNED_FOR = 300
 
 #: Seconds after which a blob nobody fetched (its host or kernel died meanwhile) is removed.
 STALE_AFTER = 3600.0
@@ -106,7 +112,11 @@ class _BlobHandler(TokenNeeded, APIHandler):
         return self.settings["fal_magic_blobs"]
 
     async def _check_access(self, action: str) -> None:
-        """Authentication and authorization, before any byte of a body is read (``prepare``)."""
+        """Authentication and authorization, before any byte of a body is read (``prepare``): the
+        server's token, or the signature of a kernel of this server (a kernel on a cluster host)."""
+        if KERNEL_HEADER in self.request.headers:
+            self._check_kernel_signature()
+            return
         await super().prepare()
         if self.current_user is None:
             raise web.HTTPError(403)
@@ -115,6 +125,20 @@ class _BlobHandler(TokenNeeded, APIHandler):
             allowed = await allowed
         if not allowed:
             raise web.HTTPError(403, f"not authorized to {action} kernels")
+
+    def _check_kernel_signature(self) -> None:
+        """A request signed by a kernel with its own connection key: the kernel must be this server's,
+        the signature right, and its time within ``SIGNED_FOR`` seconds of now."""
+        headers = self.request.headers
+        kernel_id, when = headers.get(KERNEL_HEADER, ""), headers.get(TIME_HEADER, "")
+        try:
+            key = self.settings["kernel_manager"].get_kernel(kernel_id).session.key
+            fresh = abs(time.time() - int(when)) <= SIGNED_FOR
+        except (KeyError, ValueError, web.HTTPError):  # (the kernel manager says 404 for an unknown id)
+            raise web.HTTPError(403, "not a kernel of this server") from None
+        expected = signature(key, self.request.method or "", self.request.path, when)
+        if not (key and fresh and hmac.compare_digest(headers.get(SIGNATURE_HEADER, ""), expected)):
+            raise web.HTTPError(403, "the kernel's signature does not hold")
 
 
 @web.stream_request_body

@@ -96,6 +96,7 @@ class FalMagicServer(LoggingConfigurable):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.head_blobs_url = ""  # where a cluster host's kernels fetch and post large frames (set at load)
         home = Path(self.home).expanduser() if self.home else FalMagic().home_path()
         self.cache = EnvCache(home)
         self.kernelspecs_dir = home / "kernelspecs"
@@ -295,6 +296,8 @@ class EnvsHandler(blobs.TokenNeeded, APIHandler):
             answer: dict[str, Any] = {"kernel_name": name, "key": spec.key, "host": host}
             if host is None and "kernel_provisioner" not in self.ext.kernelspec_metadata:
                 answer["blobs"] = str(self.settings["fal_magic_blobs"].dir)  # its kernels run on this machine
+            elif host is not None:  # a cluster host's kernels fetch and post them over HTTP
+                answer["head_blobs"] = self.ext.head_blobs_url
             self.write(json.dumps(answer) + "\n")
         await self.finish()
 
@@ -328,6 +331,9 @@ def load(serverapp: Any) -> None:
         specs.kernel_dirs = [*specs.kernel_dirs, str(ext.kernelspecs_dir)]
     web_app = serverapp.web_app
     web_app.settings["fal_magic"] = ext
+    scheme = "https" if serverapp.certfile else "http"
+    ext.head_blobs_url = url_path_join(f"{scheme}://{ext.head_address}", web_app.settings["base_url"], "fal_magic",
+                                       "api", "blobs")
     connection_class = web_app.settings.get("kernel_websocket_connection_class")
     if connection_class is not None:
         web_app.settings["kernel_websocket_connection_class"] = _without_nagle(connection_class)

@@ -1,6 +1,12 @@
 """Large buffers for a kernel on a cluster host: it fetches a call's large arguments from the head
-server's blob endpoint, and posts its large results there, over HTTP, beside the websocket (which
+server's blob endpoint, and puts its large results there, over HTTP, beside the websocket (which
 copies every frame several times on its way through the server).
+
+Each blob is sent while it is being read: the sender chooses a random name, waits for the head's
+'100 Continue' (or its refusal: the buffer then goes in the websocket message instead), names the
+blob in its message, and sends the bytes in a thread; the head passes them on to a reader that asks
+for the blob meanwhile. So an argument reaches the kernel while the caller still uploads it, and a
+result reaches the caller while the kernel still sends it.
 
 The kernel has no server token; it signs each request with its own connection key (HMAC-SHA256 of the
 method, the path and the time), which the server checks against the key of the kernel it names."""
@@ -8,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
+import socket
+import ssl
+import threading
 import time
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from .shm import BLOB_MIN
@@ -54,27 +62,102 @@ def fetch(base: str, name: str, size: int, key: bytes) -> memoryview:
     return out
 
 
-def post(base: str, buffer: Any, key: bytes) -> list[Any]:
-    """Store ``buffer`` as a blob on the head: ``[name, size]``."""
+class Refused(OSError):
+    """The head would not take a blob (its quota, a full disk): ``status`` and its reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+
+
+class Sending:
+    """A blob's bytes on their way to the head, in a thread; ``wait()`` raises what went wrong."""
+
+    def __init__(self, sock: socket.socket, view: memoryview, name: str) -> None:
+        self.name = name
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._send, args=(sock, view), name="fal_magic-blob", daemon=True)
+        self.thread.start()
+
+    def _send(self, sock: socket.socket, view: memoryview) -> None:
+        try:
+            with sock:
+                sock.sendall(view)
+                status, reason = _answer(sock)
+                if status != 200:
+                    raise Refused(status, reason)
+        except BaseException as exc:
+            self.error = exc
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
+def start_put(base: str, buffer: Any, headers_for: Callable[[str], dict[str, str]], prefix: str = "r",
+              timeout: float = 600) -> Sending:
+    """Put ``buffer`` on the head as a new blob of a random name (``prefix-<hex>``), the bytes sent in a
+    thread once the head accepted it (``Sending.name`` names it at once); Refused if the head will not
+    take it. ``headers_for(url)`` gives the request's credentials."""
+    name = f"{prefix}-{os.urandom(8).hex()}"
+    url = urlsplit(f"{base}/{name}")
+    headers = headers_for(f"{base}/{name}")
     view = memoryview(buffer).cast("B")
-    request = urllib.request.Request(base, data=view, method="POST", headers={
-        **_headers(key, "POST", base), "Content-Type": "application/octet-stream", "Content-Length": str(view.nbytes)})
-    with urllib.request.urlopen(request, timeout=600) as resp:
-        name = json.load(resp)["name"]
-    moved["posted"] += 1
-    return [name, view.nbytes]
+    port = url.port or (443 if url.scheme == "https" else 80)
+    sock = socket.create_connection((url.hostname or "127.0.0.1", port), timeout=timeout)
+    try:
+        if url.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=url.hostname)
+        lines = [f"PUT {url.path} HTTP/1.1", f"Host: {url.netloc.rpartition('@')[2]}",
+                 f"Content-Length: {view.nbytes}", "Content-Type: application/octet-stream",
+                 "Expect: 100-continue", "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status, reason = _answer(sock)
+        if status != 100:
+            raise Refused(status, reason)
+    except BaseException:
+        sock.close()
+        raise
+    return Sending(sock, view, name)
+
+
+def _answer(sock: socket.socket) -> tuple[int, str]:
+    """Read one HTTP answer's status (and, for a final one, its body: the reason)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise OSError("the head closed the connection")
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split()[1])
+    if status == 100:
+        return status, ""
+    length = next((int(h.split(":", 1)[1]) for h in header_lines if h.lower().startswith("content-length:")), 0)
+    while len(body) < length:
+        more = sock.recv(65536)
+        if not more:
+            break
+        body += more
+    return status, body.decode(errors="replace")
 
 
 def results_to_head(base: str, frames: list[Any], key: bytes) -> dict[int, list[Any]]:
-    """Post a call's large result frames to the head (each frame emptied); which index is which blob.
-    A frame that cannot be posted (the head's quota is full) stays in the reply."""
+    """Start putting a call's large result frames on the head (each frame emptied once the head took
+    it: its thread holds it until sent); which index is which blob. A frame the head refuses stays
+    (a broken send shows the host a blob that ends short)."""
     placed: dict[int, list[Any]] = {}
     for index in range(1, len(frames)):
-        if memoryview(frames[index]).nbytes < BLOB_MIN:
+        size = memoryview(frames[index]).nbytes
+        if size < BLOB_MIN:
             continue
         try:
-            placed[index] = post(base, frames[index], key)
+            put = start_put(base, frames[index], lambda url: _headers(key, "PUT", url))
         except OSError:
             continue
+        moved["posted"] += 1
+        placed[index] = [put.name, size]
         frames[index] = b""
     return placed

@@ -105,7 +105,7 @@ class Runtime:
         del buffers
         if data.get("blob_dir"):  # large results wait on the server for the host to fetch them
             reply["blobs"] = results_to_blobs(data["blob_dir"], frames, uploaded)
-        elif head:
+        elif head:  # (sent while the host already reads them; the reply does not wait for them)
             reply["blobs"] = head_blobs.results_to_head(head, frames, key)
         comm.send(reply, buffers=frames)
 

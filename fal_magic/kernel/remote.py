@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import websocket
+from fal_magic_inside import head_blobs
 from fal_magic_inside.shm import BLOB_MIN
 from jupyter_client.session import Session
 
@@ -134,7 +135,8 @@ class ServerClient:
         self.url = url
         self.token = token
 
-    def _headers(self) -> dict[str, str]:
+    def headers(self) -> dict[str, str]:
+        """The credentials of a request to the server (its token)."""
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = HTTP_TIMEOUT,
@@ -145,7 +147,7 @@ class ServerClient:
             data, kind = raw, "application/octet-stream"
         else:
             data, kind = (None if body is None else json.dumps(body).encode()), "application/json"
-        headers = {**self._headers(), **({"Content-Type": kind} if data is not None else {})}
+        headers = {**self.headers(), **({"Content-Type": kind} if data is not None else {})}
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             return urllib.request.urlopen(req, timeout=timeout)
@@ -234,7 +236,7 @@ class ServerClient:
     def connect(self, kernel_id: str, timeout: float) -> websocket.WebSocket:
         """The kernel's channels websocket, in the v1 framing (jupyter_server 2 or newer)."""
         url = self.url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
-        headers = [f"{k}: {v}" for k, v in self._headers().items()]
+        headers = [f"{k}: {v}" for k, v in self.headers().items()]
         try:
             ws = websocket.create_connection(url, header=headers, subprotocols=[WS_PROTOCOL], timeout=timeout,
                                              enable_multithread=True)
@@ -402,21 +404,28 @@ class RemoteKernel(Kernel):
 
     def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
                          nested: NestedHandler | None = None, **fields: Any) -> Reply:
-        """Large frames travel beside the websocket as blobs when the kernel runs on the server's
-        machine (results too), else frames over ``CHUNK`` go ahead in parts. Nested isolated calls
-        are not brokered for a remote kernel (the runtime refuses them with a clear error)."""
+        """Large frames travel beside the websocket as blobs (results too): uploaded before the request
+        when the kernel runs on the server's machine (it maps them), sent while the kernel already
+        reads them when it runs on a cluster host (see ``fal_magic_inside.head_blobs``). Frames over
+        ``CHUNK`` that are no blob go ahead in parts. Nested isolated calls are not brokered for a
+        remote kernel (the runtime refuses them with a clear error)."""
         frames = list(frames)
         parts = []
         blobs: dict[int, Any] = {}
+        sending: list[head_blobs.Sending] = []
         for index, frame in enumerate(frames):
             view = memoryview(frame).cast("B")
             if self.blob_dir is not None and index > 0 and view.nbytes >= BLOB_MIN:
                 try:
-                    stored = self.server.upload(view)
-                    blobs[index] = stored["path"] if self.node is None else [stored["name"], view.nbytes]
+                    if self.node is None:
+                        blobs[index] = self.server.upload(view)["path"]
+                    else:
+                        sending.append(head_blobs.start_put(self.blob_dir, view, lambda url: self.server.headers(),
+                                                            prefix="u", timeout=BLOB_TIMEOUT))
+                        blobs[index] = [sending[-1].name, view.nbytes]
                     frames[index] = b""
                     continue
-                except FalMagicError as exc:  # e.g. the server's shared memory is full: the websocket then
+                except (FalMagicError, OSError) as exc:  # e.g. the server's quota is full: the websocket then
                     log.debug("a large frame goes through the websocket: %s", exc)
             if view.nbytes > CHUNK:
                 for offset in range(0, view.nbytes, CHUNK):
@@ -430,7 +439,14 @@ class RemoteKernel(Kernel):
             fields.update(fetch=blobs, head_blobs=self.blob_dir)
         msg_id = self._send("shell", self._comm_msg({"op": op, "id": msg_counter(), "parts": parts, **fields}),
                             frames)
-        reply = serve(self, msg_id, sink, grace, "comm")
+        try:
+            reply = serve(self, msg_id, sink, grace, "comm")
+        finally:
+            for put in sending:  # (done by now: the kernel has read them; a broken one broke the call)
+                try:
+                    put.wait(timeout=BLOB_TIMEOUT)
+                except OSError as exc:
+                    log.debug("a blob upload broke off: %s", exc)
         placed = reply.content.pop("blobs", None)
         if placed:
             reply.buffers = list(reply.buffers)

@@ -8,12 +8,14 @@ copied several times by tornado and jupyter_server, which held a 50 MiB round tr
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import hmac
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +41,6 @@ SHM_ROOT = "/dev/shm"
 #: Bytes read per piece of an upload.
 RECEIVE_CHUNK = 4 << 20
 
-#: Bytes sent per write when a blob goes back (each is flushed before the next is read).
-SEND_CHUNK = 8 << 20
-
 #: Seconds a kernel's signed request stays valid (clocks of hosts differ a little).
 SIGNED_FOR = 300
 
@@ -59,6 +58,7 @@ class BlobStore:
         remove_orphaned(Path(root).glob(f"{PREFIX}*-*"), PREFIX)  # a killed server's
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
         self.quota = quota
+        self.growing: dict[str, Growing] = {}  # uploads under way, by blob name
 
     def used(self) -> int:
         """Bytes the blobs hold now (uploads under way included)."""
@@ -141,29 +141,53 @@ class _BlobHandler(TokenNeeded, APIHandler):
             raise web.HTTPError(403, "the kernel's signature does not hold")
 
 
-@web.stream_request_body
-class BlobUploadHandler(_BlobHandler):
-    """``POST /fal_magic/api/blobs``: the body becomes a blob; the answer names it and its path."""
+class Growing:
+    """An upload under way, which a reader may follow: the reader sends what has come while the
+    rest still arrives (a call's argument reaches a cluster host's kernel while the caller uploads it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.written = 0
+        self.ended = False
+        self.changed = asyncio.Event()
+
+    def wrote(self, count: int) -> None:
+        self.written += count
+        self.changed.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self.changed.set()
+
+
+class _Receiving(_BlobHandler):
+    """Receives a request body into a new blob, piece by piece, within the quota."""
 
     _fd: int | None = None
     _refused: web.HTTPError | None = None  # why the rest of the body is not kept (answered at its end)
     _received = 0
+    _growing: Growing | None = None
 
-    async def prepare(self) -> None:  # type: ignore[override]
-        await self._check_access("write")
-        # a refusal is answered once the body has come: an answer while the client still sends would
-        # reach it as a reset connection, not as a reason
+    async def _receive(self, name: str, expects: bool) -> None:
+        """Get ready to store the body as blob ``name``. A client that waits for '100 Continue'
+        (``expects``) is refused at once; another once its body has come (an answer while it still
+        sends would reach it as a reset connection, not as a reason)."""
         quota = self.store.quota
         length = int(self.request.headers.get("Content-Length") or 0)
+        refusal = None
         if length > quota:
-            self._refused = web.HTTPError(413, f"a blob of {_mib(length)} is larger than this server's blob quota "
-                                               f"of {_mib(quota)} (FalMagicServer.blob_quota)")
-            return
-        self.store.sweep()
-        used = self.store.used()
-        if used + length > quota:
-            self._refused = web.HTTPError(507, f"this server's blobs hold {_mib(used)} of its quota of {_mib(quota)} "
-                                               f"(FalMagicServer.blob_quota): no room for {_mib(length)} more")
+            refusal = web.HTTPError(413, f"a blob of {_mib(length)} is larger than this server's blob quota "
+                                         f"of {_mib(quota)} (FalMagicServer.blob_quota)")
+        else:
+            self.store.sweep()
+            used = self.store.used()
+            if used + length > quota:
+                refusal = web.HTTPError(507, f"this server's blobs hold {_mib(used)} of its quota of {_mib(quota)} "
+                                             f"(FalMagicServer.blob_quota): no room for {_mib(length)} more")
+        if refusal is not None:
+            if expects:
+                raise refusal
+            self._refused = refusal
             return
         # read the body in large pieces: tornado's defaults (64 KiB) cost a callback per piece
         connection: Any = self.request.connection
@@ -171,16 +195,19 @@ class BlobUploadHandler(_BlobHandler):
             connection.params = copy.copy(connection.params)
             connection.params.chunk_size = RECEIVE_CHUNK
             connection.stream.read_chunk_size = RECEIVE_CHUNK
-        name = f"u-{os.urandom(8).hex()}"
         self._path = self.store.path(name)
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise web.HTTPError(409, f"blob {name} exists") from None
+        self._growing = self.store.growing[name] = Growing(length)
 
     def data_received(self, chunk: bytes) -> None:
         """Write a piece of the body; once one cannot be kept (the quota, a full disk), drop the file
-        and the rest of the body, and say why when it has all come (``post``)."""
+        and the rest of the body, and say why when it has all come."""
         if self._refused is not None:
             return
-        assert self._fd is not None
+        assert self._fd is not None and self._growing is not None
         self._received += len(chunk)
         if self._received > self.store.quota:
             self._refuse(413, f"the blob is larger than this server's blob quota of {_mib(self.store.quota)} "
@@ -192,18 +219,28 @@ class BlobUploadHandler(_BlobHandler):
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
             self._refuse(507, f"this server cannot store the blob: {exc.strerror or exc} in {self.store.dir.parent}")
+            return
+        self._growing.wrote(len(chunk))
 
     def _refuse(self, status: int, message: str) -> None:
         self._refused = web.HTTPError(status, message)
         self._discard()
 
-    def post(self) -> None:
+    def _stored(self) -> None:
+        """The body has come: answer with the blob's name and path, or with why it was not kept."""
         if self._refused is not None:
             raise self._refused
         assert self._fd is not None
         os.close(self._fd)
         self._fd = None
+        self._ended()
         self.finish(json.dumps({"name": self._path.name, "path": str(self._path)}))
+
+    def _ended(self) -> None:
+        if self._growing is not None:
+            self._growing.end()
+            self.store.growing.pop(self._path.name, None)
+            self._growing = None
 
     def on_finish(self) -> None:
         self._discard()
@@ -212,40 +249,95 @@ class BlobUploadHandler(_BlobHandler):
         self._discard()
 
     def _discard(self) -> None:
-        """An upload that did not complete leaves nothing."""
+        """An upload that did not complete leaves nothing (a reader following it sees it end short)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
             self._path.unlink(missing_ok=True)
+            self._ended()
 
 
-class BlobHandler(_BlobHandler):
-    """``GET /fal_magic/api/blobs/NAME`` sends a kernel's result and removes it; ``DELETE`` only removes."""
+@web.stream_request_body
+class BlobUploadHandler(_Receiving):
+    """``POST /fal_magic/api/blobs``: the body becomes a blob; the answer names it and its path."""
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await self._check_access("write")
+        await self._receive(f"u-{os.urandom(8).hex()}", expects=False)
+
+    def post(self) -> None:
+        self._stored()
+
+
+@web.stream_request_body
+class BlobHandler(_Receiving):
+    """``GET /fal_magic/api/blobs/NAME`` sends a blob and removes it (following one still being
+    uploaded); ``PUT`` stores one under a name its sender chose (a random one); ``DELETE`` removes."""
 
     async def prepare(self) -> None:  # type: ignore[override]
         await self._check_access("read" if self.request.method == "GET" else "write")
+        if self.request.method == "PUT":
+            if "Content-Length" not in self.request.headers:
+                raise web.HTTPError(411, "a blob's size must be given (Content-Length)")
+            expects = self.request.headers.get("Expect") == "100-continue"
+            await self._receive(self.path_args[0], expects)
+
+    def put(self, name: str) -> None:
+        self._stored()
 
     async def get(self, name: str) -> None:
+        """Send the blob with ``sendfile`` (the kernel copies it from the file to the socket), on the
+        connection taken over from tornado, whose writes copy every piece several times."""
         path = self.store.path(name)
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
             raise web.HTTPError(404, f"no blob {name}") from None
+        growing = self.store.growing.get(name)
         path.unlink(missing_ok=True)  # fetched once: gone before the client has it all (the open file stays)
         with f:
-            self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Length", str(os.fstat(f.fileno()).st_size))
-            while True:
-                chunk = f.read(SEND_CHUNK)
-                if not chunk:
-                    break
-                self.write(chunk)
-                await self.flush()
+            size = growing.size if growing is not None else os.fstat(f.fileno()).st_size
+            stream = self.detach()
+            try:
+                await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                   b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size)
+                await _send(stream.socket, f.fileno(), size, growing)
+            except OSError:
+                pass  # the client went away, or the upload broke off: the reader sees it end short
+            finally:
+                stream.close()
 
     def delete(self, name: str) -> None:
         self.store.path(name).unlink(missing_ok=True)
         self.set_status(204)
         self.finish()
+
+
+async def _send(sock: socket.socket, fd: int, size: int, growing: Growing | None) -> None:
+    """Send ``size`` bytes of the file ``fd`` on ``sock``: all at once, or, while it is being uploaded
+    (``growing``), each part as it has come."""
+    sent = 0
+    while sent < size:
+        ready = size if growing is None else min(size, growing.written)
+        if ready > sent:
+            await asyncio.to_thread(_send_range, sock, fd, sent, ready)
+            sent = ready
+            continue
+        assert growing is not None
+        if growing.ended:
+            raise OSError(f"the upload ended after {growing.written} of {size} bytes")
+        growing.changed.clear()
+        await growing.changed.wait()
+
+
+def _send_range(sock: socket.socket, fd: int, start: int, end: int) -> None:
+    """Send bytes ``start`` to ``end`` of the file ``fd`` on ``sock`` (blocking, in a worker thread)."""
+    sock.setblocking(True)
+    while start < end:
+        count = os.sendfile(sock.fileno(), fd, start, end - start)
+        if count == 0:
+            raise OSError("the blob's file ended early")
+        start += count
 
 
 def add_handlers(web_app: Any, quota: int) -> BlobStore:

@@ -29,6 +29,7 @@ from fal_magic_inside.frames import PROTOCOL, type_name
 from fal_magic_inside.from_source import function_from_source
 
 from ..errors import FalMagicError, SerializationError
+from .wire import parameter_names
 
 
 #: The option that names, in a proxy's call back to the host, the isolated function it stands for
@@ -205,10 +206,7 @@ def _probe(value: Any, home: str) -> None:
 def _what(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], home: str) -> str:
     """Which part of a call cannot cross: an argument (by its parameter name) or the function."""
     name = getattr(fn, "__qualname__", repr(fn))
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        params = []
+    params = parameter_names(fn)
     for i, value in enumerate(args):
         try:
             _probe(value, home)

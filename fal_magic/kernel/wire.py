@@ -82,13 +82,18 @@ def _fails(obj: Any) -> Exception | None:
     return None
 
 
+def parameter_names(fn: Callable) -> list[str]:
+    """``fn``'s parameter names, to name an argument in a message (none if it has no signature)."""
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
 def _culprit(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], exc: Exception) -> str:
     """Say which object made pickling fail: an argument, a closure variable, a global, or the function."""
     name = getattr(fn, "__qualname__", repr(fn))
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        params = []
+    params = parameter_names(fn)
     for i, value in enumerate(args):
         if _fails(value):
             label = repr(params[i]) if i < len(params) else f"#{i + 1}"

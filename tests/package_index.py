@@ -6,6 +6,7 @@ import base64
 import http.server
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = "falmagic-private-probe"  # a name the public index does not have
@@ -82,3 +83,13 @@ class PrivateIndex:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def serve(root: Path, versions: tuple[str, ...], package: str = PACKAGE,
+          password: bool = True) -> Iterator[PrivateIndex]:
+    """For a fixture: an index of ``package`` with ``versions`` published, running until the fixture ends."""
+    index = PrivateIndex(root, package, password)
+    for version in versions:
+        index.publish(version)
+    yield index.start()
+    index.stop()

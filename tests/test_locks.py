@@ -20,7 +20,7 @@ from fal_magic import isolated
 from fal_magic.envs.lockfile import LockFile
 from fal_magic.errors import EnvironmentBuildError
 
-from .package_index import PrivateIndex
+from .package_index import serve
 
 PACKAGE = "falmagic-lock-probe"  # (its own name: other tests' indexes are not in uv's cache for it)
 
@@ -28,20 +28,13 @@ PACKAGE = "falmagic-lock-probe"  # (its own name: other tests' indexes are not i
 @pytest.fixture(scope="module")
 def last_month(tmp_path_factory):
     """The index as it was when the notebook was locked: version 1.0 only."""
-    index = PrivateIndex(tmp_path_factory.mktemp("last-month"), PACKAGE)
-    index.publish("1.0")
-    yield index.start()
-    index.stop()
+    yield from serve(tmp_path_factory.mktemp("last-month"), ("1.0",), PACKAGE)
 
 
 @pytest.fixture(scope="module")
 def today(tmp_path_factory):
     """The index now: 2.0 is out."""
-    index = PrivateIndex(tmp_path_factory.mktemp("today"), PACKAGE)
-    index.publish("1.0")
-    index.publish("2.0")
-    yield index.start()
-    index.stop()
+    yield from serve(tmp_path_factory.mktemp("today"), ("1.0", "2.0"), PACKAGE)
 
 
 def probe_version():

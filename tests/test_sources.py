@@ -20,16 +20,11 @@ from . import package_index
 
 PACKAGE = package_index.PACKAGE
 PASSWORD = package_index.PASSWORD
-PrivateIndex = package_index.PrivateIndex
 
 
 @pytest.fixture(scope="module")
 def private_index(tmp_path_factory):
-    index = PrivateIndex(tmp_path_factory.mktemp("index"))
-    index.publish("1.0")
-    index.publish("2.0")
-    yield index.start()
-    index.stop()
+    yield from package_index.serve(tmp_path_factory.mktemp("index"), ("1.0", "2.0"))
 
 
 def probe_version():

@@ -441,10 +441,9 @@ def cache_tag(python: str) -> str:
 def _locked_names(package: str) -> tuple[str, ...]:
     """The names an installer's message may use for a locked ``name==version`` (lowercase)."""
     try:
-        name = Requirement(package).name
+        return _names(package, {})
     except ValueError:  # an editable path
         return ()
-    return canonicalize_name(name), name.lower()
 
 
 def _names(requirement: str, local: dict[str, LocalPackage]) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,52 @@ def test_large_frames_travel_beside_the_websocket_and_leave_nothing_behind(remot
     assert list(_blob_dir(server).iterdir()) == []  # every blob was mapped or fetched, then removed
 
 
+def _http(port: int, head: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"{head}\r\nHost: 127.0.0.1:{port}\r\nAuthorization: token {TOKEN}\r\n\r\n".encode())
+    return sock
+
+
+def _read_at_least(sock: socket.socket, data: bytes, count: int) -> bytes:
+    while len(data) < count:
+        more = sock.recv(1 << 20)
+        assert more, f"the connection ended after {len(data)} bytes"
+        data += more
+    return data
+
+
+def test_a_blob_reaches_its_reader_while_it_is_still_being_uploaded(remote, server):
+    """An argument reaches a cluster host's kernel while the caller still uploads it: the head sends
+    a reader what has come, then the rest as it comes, byte for byte, and keeps nothing after."""
+    from urllib.parse import urlsplit
+
+    from fal_magic_inside.head_blobs import _answer
+
+    port, name, half = urlsplit(remote).port, f"r-{os.urandom(8).hex()}", 6 << 20
+    body = os.urandom(2 * half)
+    put = _http(port, f"PUT /fal_magic/api/blobs/{name} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+                      "Expect: 100-continue\r\nConnection: close")
+    get = None
+    try:
+        assert _answer(put)[0] == 100
+        put.sendall(body[:half])
+        get = _http(port, f"GET /fal_magic/api/blobs/{name} HTTP/1.1")
+        got = _read_at_least(get, b"", 1)
+        got = _read_at_least(get, got, got.index(b"\r\n\r\n") + 4 + half)
+        head, _, first = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {len(body)}".encode() in head
+        assert first == body[:half]  # the first half, before the second was sent
+        put.sendall(body[half:])
+        assert _answer(put)[0] == 200
+        assert _read_at_least(get, first, len(body)) == body
+        assert get.recv(1) == b""  # and nothing more
+    finally:
+        put.close()
+        if get is not None:
+            get.close()
+    assert list(_blob_dir(server).iterdir()) == []
+
+
 def test_blobs_need_the_token_and_take_only_their_own_names(remote, server):
     import urllib.error
     import urllib.request
@@ -190,6 +237,12 @@ def test_blobs_past_the_quota_or_a_full_disk_are_refused_with_a_reason_and_calls
         urllib.request.urlopen(req, timeout=10).close()
         code, answer = post(url, 10 << 20)  # within the quota, past what the disk takes
         assert code == 507 and "cannot store the blob" in answer
+        from fal_magic_inside.head_blobs import Refused, start_put
+
+        sending = start_put(url + "/fal_magic/api/blobs", b"x" * (10 << 20),
+                            lambda _: {"Authorization": f"token {TOKEN}"})
+        with pytest.raises(Refused, match="cannot store the blob"):  # the same, for a kernel's streamed upload
+            sending.wait(timeout=60)
         [blob_dir] = Path("/dev/shm").glob(f"fal_magic-blobs-{proc.pid}-*")
         assert list(blob_dir.iterdir()) == []
         assert "Uncaught exception" not in (tmp_path / "server.log").read_text()

@@ -17,13 +17,14 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
-from tornado import web
+from tornado import iostream, web
 
 from fal_magic_inside.head_blobs import KERNEL_HEADER, SIGNATURE_HEADER, TIME_HEADER, signature
 
@@ -40,6 +41,9 @@ SHM_ROOT = "/dev/shm"
 
 #: Bytes read per piece of an upload.
 RECEIVE_CHUNK = 4 << 20
+
+#: Seconds an upload may pause before it is given up.
+RECEIVE_TIMEOUT = 600.0
 
 #: Seconds a kernel's signed request stays valid (clocks of hosts differ a little).
 SIGNED_FOR = 300
@@ -143,21 +147,33 @@ class _BlobHandler(TokenNeeded, APIHandler):
 
 class Growing:
     """An upload under way, which a reader may follow: the reader sends what has come while the
-    rest still arrives (a call's argument reaches a cluster host's kernel while the caller uploads it)."""
+    rest still arrives (a call's argument reaches a cluster host's kernel while the caller uploads it).
+    Thread-safe: the receiving and the sending threads meet here, not on the event loop."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.written = 0
         self.ended = False
-        self.changed = asyncio.Event()
+        self._changed = threading.Condition()
 
     def wrote(self, count: int) -> None:
-        self.written += count
-        self.changed.set()
+        with self._changed:
+            self.written += count
+            self._changed.notify_all()
 
     def end(self) -> None:
-        self.ended = True
-        self.changed.set()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_past(self, sent: int) -> int:
+        """Block until more than ``sent`` bytes have come (how many), or the upload ended short."""
+        with self._changed:
+            while self.written <= sent and not self.ended:
+                self._changed.wait()
+            if self.written <= sent:
+                raise OSError(f"the upload ended after {self.written} of {self.size} bytes")
+            return self.written
 
 
 class _Receiving(_BlobHandler):
@@ -281,6 +297,47 @@ class BlobHandler(_Receiving):
                 raise web.HTTPError(411, "a blob's size must be given (Content-Length)")
             expects = self.request.headers.get("Expect") == "100-continue"
             await self._receive(self.path_args[0], expects)
+            if expects and self._fd is not None:
+                await self._take_over()
+
+    async def _take_over(self) -> None:
+        """Receive the body in a thread, from the socket straight into the blob's file, on the
+        connection taken from tornado: its reads copy every piece several times, on the event loop,
+        and tell a reader following the upload of each piece only through the loop."""
+        assert self._fd is not None and self._growing is not None
+        fd, path, growing = self._fd, self._path, self._growing
+        self._fd = self._growing = None  # this method's now: the handler's clean-up no longer runs
+        stream = self._take_connection()
+        early = bytes(stream._read_buffer[:stream._read_buffer_size])
+        try:
+            failure = await _in_thread(_receive_body, stream.socket, fd, growing.size, early, growing.wrote)
+            if failure:
+                path.unlink(missing_ok=True)
+                status, answer = 507, f"this server cannot store the blob: {failure} in {self.store.dir.parent}"
+            else:
+                status, answer = 200, json.dumps({"name": path.name, "path": str(path)})
+            body = answer.encode()
+            stream.socket.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                                  b"Connection: close\r\n\r\n%s" % (
+                                      status, b"OK" if status == 200 else b"Insufficient Storage",
+                                      b"application/json" if status == 200 else b"text/plain", len(body), body))
+        except OSError:  # the sender went away: nothing stays (a reader following it sees it end short)
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+            growing.end()
+            self.store.growing.pop(path.name, None)
+            stream.close()
+
+    def _take_connection(self) -> iostream.IOStream:
+        """Take the connection from tornado, for a thread to send or receive on: the event loop
+        watches it no more (as tornado's own ``start_tls`` does), or it would read what the thread
+        should, or close it under the thread on an early end."""
+        stream = self.detach()
+        if stream._state is not None:
+            stream.io_loop.remove_handler(stream.socket)
+            stream._state = None
+        return stream
 
     def put(self, name: str) -> None:
         self._stored()
@@ -297,11 +354,11 @@ class BlobHandler(_Receiving):
         path.unlink(missing_ok=True)  # fetched once: gone before the client has it all (the open file stays)
         with f:
             size = growing.size if growing is not None else os.fstat(f.fileno()).st_size
-            stream = self.detach()
+            stream = self._take_connection()
             try:
-                await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                                   b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size)
-                await _send(stream.socket, f.fileno(), size, growing)
+                head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size)
+                await _in_thread(_send, stream.socket, head, f.fileno(), size, growing)
             except OSError:
                 pass  # the client went away, or the upload broke off: the reader sees it end short
             finally:
@@ -313,31 +370,74 @@ class BlobHandler(_Receiving):
         self.finish()
 
 
-async def _send(sock: socket.socket, fd: int, size: int, growing: Growing | None) -> None:
-    """Send ``size`` bytes of the file ``fd`` on ``sock``: all at once, or, while it is being uploaded
-    (``growing``), each part as it has come."""
+def _send(sock: socket.socket, head: bytes, fd: int, size: int, growing: Growing | None) -> None:
+    """Send ``head``, then ``size`` bytes of the file ``fd`` on ``sock`` (blocking): all at once, or,
+    while it is being uploaded (``growing``), each part as soon as it has come."""
+    sock.setblocking(True)
+    sock.sendall(head)
     sent = 0
     while sent < size:
-        ready = size if growing is None else min(size, growing.written)
-        if ready > sent:
-            await asyncio.to_thread(_send_range, sock, fd, sent, ready)
-            sent = ready
-            continue
-        assert growing is not None
-        if growing.ended:
-            raise OSError(f"the upload ended after {growing.written} of {size} bytes")
-        growing.changed.clear()
-        await growing.changed.wait()
+        ready = size if growing is None else min(size, growing.wait_past(sent))
+        while sent < ready:
+            count = os.sendfile(sock.fileno(), fd, sent, ready - sent)
+            if count == 0:
+                raise OSError("the blob's file ended early")
+            sent += count
 
 
-def _send_range(sock: socket.socket, fd: int, start: int, end: int) -> None:
-    """Send bytes ``start`` to ``end`` of the file ``fd`` on ``sock`` (blocking, in a worker thread)."""
-    sock.setblocking(True)
-    while start < end:
-        count = os.sendfile(sock.fileno(), fd, start, end - start)
-        if count == 0:
-            raise OSError("the blob's file ended early")
-        start += count
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a thread of its own: a transfer may wait minutes for its other end, which
+    would hold one of the few threads of the event loop's shared pool."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            error = exc
+        loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="fal_magic-blob", daemon=True).start()
+    return await done
+
+
+def _receive_body(sock: socket.socket, fd: int, size: int, early: bytes, wrote: Callable[[int], None]) -> str:
+    """Say '100 Continue' on ``sock``, then receive ``size`` bytes from it (after ``early``, which
+    tornado had read already) into the file ``fd``, saying each piece to ``wrote`` (blocking, in a
+    thread). Once the file cannot take more (a full disk), the rest is read and dropped: why, or ""
+    when all is stored."""
+    sock.settimeout(RECEIVE_TIMEOUT)
+    sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    buffer = memoryview(bytearray(RECEIVE_CHUNK))
+    got, failure = 0, ""
+    piece = memoryview(early)[:size]
+    while True:
+        if piece.nbytes:
+            got += piece.nbytes
+            if not failure:
+                try:
+                    rest = piece
+                    while rest:
+                        rest = rest[os.write(fd, rest):]
+                    wrote(piece.nbytes)
+                except OSError as exc:
+                    failure = exc.strerror or str(exc)
+        if got >= size:
+            return failure
+        count = sock.recv_into(buffer[:min(RECEIVE_CHUNK, size - got)])
+        if not count:
+            raise ConnectionError(f"the sender closed the connection after {got} of {size} bytes")
+        piece = buffer[:count]
 
 
 def add_handlers(web_app: Any, quota: int) -> BlobStore:

@@ -23,6 +23,7 @@ import urllib.request
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from .frames import new_buffer
 from .shm import BLOB_MIN
 
 #: Headers of a request signed by a kernel: its id, the time, the signature.
@@ -49,7 +50,7 @@ def _headers(key: bytes, method: str, url: str) -> dict[str, str]:
 def fetch(base: str, name: str, size: int, key: bytes) -> memoryview:
     """Fetch (and so remove) the blob ``name`` of ``size`` bytes from the head: a writable buffer."""
     url = f"{base}/{name}"
-    out = memoryview(bytearray(size))
+    out = new_buffer(size)
     request = urllib.request.Request(url, headers=_headers(key, "GET", url))
     with urllib.request.urlopen(request, timeout=600) as resp:
         got = 0

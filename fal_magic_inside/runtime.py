@@ -26,7 +26,7 @@ import cloudpickle
 from . import broker as _broker
 from .capture import capture_stdout, drain_captured_output
 from .channel import BEGUN_ENV, FAST_ENV, FastChannel
-from .frames import describe_exception, dumps, loads, type_name, without_runtime_frames
+from .frames import describe_exception, dumps, loads, new_buffer, type_name, without_runtime_frames
 from . import head_blobs
 from .head import HEAD_ENV, watch_head
 from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
@@ -56,7 +56,7 @@ class Runtime:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self.fast: FastChannel | None = None
-        self._parts: dict[int, bytearray] = {}
+        self._parts: dict[int, memoryview] = {}
         self.shm_dir = os.environ.get(SHM_ENV, "")
         self.arena: Arena | None = None  # this kernel's segments for large results
         self.held: dict[str, Any] = {}  # the host's segments this kernel still maps (its objects use them)
@@ -85,7 +85,7 @@ class Runtime:
         data, buffers = msg["content"]["data"], list(msg["buffers"])
         if data.get("op") == "part":
             if data["offset"] == 0:
-                self._parts[data["index"]] = bytearray(data["size"])
+                self._parts[data["index"]] = new_buffer(data["size"])
             chunk = memoryview(buffers[0]).cast("B")
             self._parts[data["index"]][data["offset"]:data["offset"] + len(chunk)] = chunk
             return

@@ -177,12 +177,15 @@ def test_large_frames_reach_a_host_kernel_through_the_head_blobs_signed_with_its
         from fal_magic_inside.head_blobs import moved
         from IPython import get_ipython
 
-        return a * 2, dict(moved), os.environ["KERNEL_ID"], bytes(get_ipython().kernel.session.key)
+        a *= 2  # a large argument arrives writable, as a local one does
+        return a, dict(moved), os.environ["KERNEL_ID"], bytes(get_ipython().kernel.session.key)
 
     url, server = cluster_server
     a = np.arange(8 * 2**20 // 8, dtype=np.float64)  # 8 MiB: over the blob threshold both ways
     twice, moved, kernel_id, key = doubled(a)
     assert np.array_equal(twice, a * 2)
+    twice += 1  # and so does a large result
+    assert twice[-1] == a[-1] * 2 + 1
     assert moved["fetched"] == 1  # the argument came from the head's blobs, not in websocket parts
     assert doubled(a)[1]["posted"] == 1  # and the first call's result went back there
     [blob_dir] = Path("/dev/shm").glob(f"fal_magic-blobs-{server.pid}-*")

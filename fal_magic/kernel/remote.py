@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import websocket
 from fal_magic_inside import head_blobs
+from fal_magic_inside.frames import new_buffer
 from fal_magic_inside.shm import BLOB_MIN
 from jupyter_client.session import Session
 
@@ -196,12 +197,9 @@ class ServerClient:
             return dict(json.load(resp))
 
     def download(self, name: str, size: int) -> memoryview:
-        """Fetch (and so remove) a kernel's result blob from the server, into memory mapped with its
-        pages made up front (cheaper than faulting in fresh pages one by one while receiving)."""
-        import mmap
-
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        view = memoryview(mmap.mmap(-1, size, flags=flags))
+        """Fetch (and so remove) a kernel's result blob from the server, into a buffer of huge pages
+        where the system gives them (see ``new_buffer``)."""
+        view = new_buffer(size)
         with self.request("GET", f"/fal_magic/api/blobs/{name}", timeout=BLOB_TIMEOUT) as resp:
             got = 0
             while got < size:

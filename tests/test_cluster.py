@@ -167,6 +167,29 @@ def _signed(url: str, method: str, kernel_id: str, key: bytes, data: bytes | Non
         return exc.code, exc.read()
 
 
+def test_short_commands_on_a_host_run_apart_in_its_kept_shell_which_is_replaced_when_it_dies(hosts, monkeypatch):
+    """Checks, launches and ends of kernels go through one shell kept open per host: what one command
+    exports never reaches the next (a kernel's KERNEL_ID and variables stay its own), output without a
+    final newline comes whole, and once the shell is gone the next command gets a new one."""
+    from fal_magic.server import ssh
+
+    for name, value in hosts.server_env().items():
+        monkeypatch.setenv(name, value)
+    try:
+        shell, home = ssh.run_short("127.0.0.2", "echo $$; pwd")  # ($$ in a subshell: the kept shell's pid)
+        assert home != "/"
+        assert ssh.run_short("127.0.0.2", "export KERNEL_ID=one; cd /; echo $$ ${KERNEL_ID}") == [f"{shell} one"]
+        assert ssh.run_short("127.0.0.2", "echo ${KERNEL_ID:-unset} $(pwd); printf tail") == [f"unset {home}", "tail"]
+        assert ssh.run_short("127.0.0.2", "cat; echo after") == ["after"]  # reads nothing of the shell's input
+        assert ssh.run_short("127.0.0.3", "echo $$") != [shell]  # a shell per host
+        with pytest.raises(OSError):
+            ssh.run_short("127.0.0.2", "kill -KILL $$")  # the shell dies under its command
+        again = ssh.run_short("127.0.0.2", "echo $$")
+        assert again and again != [shell]
+    finally:
+        ssh.close_connections()
+
+
 def test_large_frames_reach_a_host_kernel_through_the_head_blobs_signed_with_its_own_key(cluster, cluster_server):
     import numpy as np
 

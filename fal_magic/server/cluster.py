@@ -9,27 +9,21 @@ encrypts the connection details it sends back to the server with it.
 """
 from __future__ import annotations
 
-import getpass
 import itertools
 import json
-import os
 import re
 import shlex
-import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..envs import EnvSpec, make_spec
 from ..errors import EnvironmentBuildError, FalMagicError
+from .ssh import run_on, run_short
 
 #: What the launcher of gateway_provisioners needs in the kernel's environment.
 LAUNCHER_PACKAGES = ("pycryptodomex",)
-
-
-class HostUnreachable(EnvironmentBuildError):
-    """No SSH connection to a host could be made (it is down, or refuses the key)."""
 
 
 def check_groups(groups: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -84,11 +78,11 @@ class HostGroups:
         """Build (or find) ``spec``'s environment on ``host``; return its Python and launcher paths.
 
         An environment this server built there before is only checked for (its two files, over the
-        shared connection: a few ms, where running the build command to find it costs ~0.3 s)."""
+        host's kept shell: under a ms, where running the build command to find it costs ~0.3 s)."""
         known = self._built.get((host, spec.key))
         if known is not None:
             python, launcher = known
-            if "ok" in run_on(host, f"test -x {shlex.quote(python)} && test -f {shlex.quote(launcher)} && echo ok"):
+            if "ok" in run_short(host, f"test -x {shlex.quote(python)} && test -f {shlex.quote(launcher)} && echo ok"):
                 return known
             self._built.pop((host, spec.key), None)  # removed on the host since: build it again
         command = " ".join(shlex.quote(part) for part in [
@@ -119,87 +113,7 @@ class HostGroups:
         return result["python"], result["launcher"]
 
 
-_connections: dict[str, Any] = {}
-_connections_lock = threading.Lock()
-
-
-def connection(host: str) -> Any:
-    """The server's SSH connection to ``host``, made once and shared by every command and kernel launch
-    (a handshake costs ~0.1 s; paramiko runs many sessions over one transport)."""
-    with _connections_lock:
-        client = _connections.get(host)
-        if client is not None and _alive(client):
-            return client
-    fresh = ssh_client(host)
-    fresh.get_transport().set_keepalive(30)
-    with _connections_lock:
-        current = _connections.get(host)
-        if current is not None and current is not client and _alive(current):
-            fresh.close()  # another thread connected meanwhile
-            return current
-        if current is not None:
-            current.close()
-        _connections[host] = fresh
-        return fresh
-
-
-def _alive(client: Any) -> bool:
-    transport = client.get_transport()
-    return transport is not None and transport.is_active()
-
-
-def close_connections() -> None:
-    """Close the SSH connections to every host (the server is stopping)."""
-    with _connections_lock:
-        clients = list(_connections.values())
-        _connections.clear()
-    for client in clients:
-        client.close()
-
-
-def ssh_client(host: str) -> Any:
-    """An SSH connection to ``host`` as gateway_provisioners makes it: the user's key, known hosts
-    only (``GP_REMOTE_USER`` names another user)."""
-    import paramiko
-
-    from gateway_provisioners.config_mixin import ssh_port
-
-    client = paramiko.SSHClient()
-    client.load_system_host_keys()
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    try:
-        client.connect(socket.gethostbyname(host), port=ssh_port,
-                       username=os.environ.get("GP_REMOTE_USER") or getpass.getuser(), timeout=30)
-    except Exception as exc:
-        client.close()
-        raise HostUnreachable(f"cannot reach host {host} over SSH: {type(exc).__name__}: {exc}") from None
-    return client
-
-
-def run_on(host: str, command: str) -> Iterator[str]:
-    """Run ``command`` on ``host`` over the shared connection; its output lines (stderr merged in), as
-    they come."""
-    import paramiko
-
-    try:
-        channel = connection(host).get_transport().open_session()
-    except paramiko.SSHException:  # the connection broke since it was last used: once more, anew
-        with _connections_lock:
-            broken = _connections.pop(host, None)
-        if broken is not None:
-            broken.close()
-        channel = connection(host).get_transport().open_session()
-    try:
-        channel.set_combine_stderr(True)
-        channel.exec_command(command)
-        for line in channel.makefile("r"):
-            yield line.rstrip("\n")
-    finally:
-        channel.close()
-
-
 def end_on_host(host: str, pid: int, kernel_id: str, log: str | None) -> None:
     """End a kernel's process and its children on ``host``, and remove its connection file and log."""
     files = f"${{TMPDIR:-/tmp}}/kernel-{shlex.quote(kernel_id)}_*.json" + (f" {shlex.quote(log)}" if log else "")
-    for _ in run_on(host, f"pkill -KILL -P {int(pid)}; kill -KILL {int(pid)}; rm -f {files}; true"):
-        pass
+    run_short(host, f"pkill -KILL -P {int(pid)}; kill -KILL {int(pid)}; rm -f {files}; true")

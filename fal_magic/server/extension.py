@@ -36,7 +36,8 @@ from ..masking import mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
 from . import blobs
-from .cluster import HostGroups, HostUnreachable, close_connections, cluster_spec, connection, slug
+from .cluster import HostGroups, cluster_spec, slug
+from .ssh import HostUnreachable, close_connections, connection
 from .launcher import assemble_launcher
 
 #: Kernelspecs made here are named ``fal_magic-<key>``; the culler looks after kernels of those only.

@@ -2,10 +2,10 @@
 launches that neither block the server nor wait on fixed pauses, and kernels that end when the
 server is done with them.
 
-- **Launching** runs the SSH command in a worker thread over the server's shared connection to the
-  host (``cluster.connection``): gateway_provisioners opens a new SSH connection per launch, on the
-  server's event loop, so kernels started together were started one after the other, and every call
-  through the server waited meanwhile.
+- **Launching** runs the launch command in a worker thread, in the host's kept shell on the server's
+  shared connection to it (``ssh.run_short``): gateway_provisioners opens a new SSH connection per
+  launch, on the server's event loop, so kernels started together were started one after the other,
+  and every call through the server waited meanwhile; and a new SSH session alone costs ~130 ms.
 - **Waiting for the kernel's connection details** awaits them as they arrive: gateway_provisioners
   looks only every ``GP_POLL_INTERVAL`` (0.5 s), which a first call on a host paid in full.
 - **Ending** a kernel through DistributedProvisioner asks its listener process on the host to stop
@@ -25,7 +25,8 @@ from gateway_provisioners import response_manager
 from gateway_provisioners.distributed import DistributedProvisioner
 from gateway_provisioners.remote_provisioner import RemoteProvisionerBase
 
-from .cluster import end_on_host, run_on
+from .cluster import end_on_host
+from .ssh import run_short
 
 # gateway_provisioners reads the launchers' connection info by polling its response socket every
 # 0.1 ms on the server's event loop, each poll a blocking accept of up to GP_SOCKET_TIMEOUT (10 ms).
@@ -55,8 +56,8 @@ class HostProvisioner(DistributedProvisioner):
         return self.connection_info
 
     def _rsh(self, host: str, command: str) -> list[str]:
-        """Run the launch command on ``host`` over the shared connection; its output lines."""
-        return list(run_on(host, command))
+        """Run the launch command on ``host`` in its kept shell (``ssh.run_short``); its output lines."""
+        return run_short(host, command)
 
     async def confirm_remote_startup(self) -> None:
         """Wait for the launcher's connection details (each wait on them lasts a few ms), up to the

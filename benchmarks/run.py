@@ -1,8 +1,9 @@
 """fal_magic against its peers, measured side by side in one run; prints a table with ratios.
 
 Run by hand:  .venv/bin/pip install -e '.[bench]' && .venv/bin/python benchmarks/run.py [--quick]
-Peers that are not installed (ipyparallel) are left out of the table. Medians; this machine is
-noisy, so compare ratios from the same run rather than absolute numbers across runs.
+Peers that are not installed (ipyparallel) are left out of the table; the cluster rows need root and
+sshd (``benchmarks/cluster.py`` runs them alone). Medians; this machine is noisy, so compare ratios
+from the same run rather than absolute numbers across runs.
 """
 from __future__ import annotations
 
@@ -405,6 +406,19 @@ def main() -> None:
             get_pool().shutdown()
             server.terminate()
             server.wait(timeout=30)
+
+    # -- a cluster of two sshd hosts behind a Jupyter Server over loopback -------------------------
+    print("\ncluster kernels on two sshd hosts (127.0.0.2/.3) behind a Jupyter Server, against its own kernels")
+    sys.path.insert(0, str(HERE.parent))
+    from tests import hosts as test_hosts
+
+    why = test_hosts.available()
+    if why:
+        print(f"  (no cluster here: {why})")
+    else:
+        from benchmarks import cluster
+
+        cluster.measure(row)
 
     # -- memory ---------------------------------------------------------------------------------
     print("\nmemory")

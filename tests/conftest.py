@@ -116,6 +116,33 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (a server's TLS in a test)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,9 +190,11 @@ def _fresh_pool():
         f"this test left kernels running: {describe_pids(leaked_kernels())}")
 
 
-def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
+def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+                 scheme: str = "http"):
     """Start a jupyter_server with the extension on 127.0.0.1 (its own cache and token), through the
-    command ``prefix`` if any; yield its URL and process, and stop it after."""
+    command ``prefix`` if any; yield its URL and process, and stop it after. With ``scheme="https"``
+    the ``args`` give its certificate (and the client must trust it)."""
     port = free_port()
     proc = subprocess.Popen(
         [*prefix, sys.executable, "-m", "jupyter_server",  # the extension: enabled by fal_magic's install
@@ -173,7 +202,7 @@ def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None 
          "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}", *args],
         env={**os.environ, "FAL_MAGIC_HOME": str(home), **(env or {})},
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
 
     def up() -> bool:
         try:

@@ -178,6 +178,45 @@ def test_a_blob_reaches_its_reader_while_it_is_still_being_uploaded(remote, serv
     assert list(_blob_dir(server).iterdir()) == []
 
 
+def test_large_buffers_travel_whole_through_a_server_on_https(fal_home, tmp_path, monkeypatch):
+    """Over TLS, a large argument and a large result (blobs beside the websocket) arrive byte for
+    byte, and so does a blob a kernel streams to the server and another reads while it comes: the
+    server's sending them with ``sendfile`` put them unencrypted into the TLS stream."""
+    import urllib.request
+
+    import numpy as np
+
+    from fal_magic_inside.head_blobs import start_put
+
+    from .conftest import self_signed, start_server
+
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts it (urllib; websocket-client:)
+    monkeypatch.setenv("WEBSOCKET_CLIENT_CA_BUNDLE", str(cert))
+    server = start_server(fal_home / "server", tmp_path, f"--ServerApp.certfile={cert}", f"--ServerApp.keyfile={key}",
+                          scheme="https")
+    url, _ = next(server)
+    try:
+        @isolated(keep_alive=0, requirements=["numpy"], host=url)
+        def doubled(a):
+            return a * 2
+
+        fal_magic.configure(token=TOKEN)
+        a = np.random.default_rng(0).random(4 << 17)  # 4 MiB: a blob each way
+        assert np.array_equal(doubled(a), a * 2)
+
+        body = os.urandom(6 << 20)
+        sending = start_put(url + "/fal_magic/api/blobs", body, lambda _: {"Authorization": f"token {TOKEN}"})
+        request = urllib.request.Request(f"{url}/fal_magic/api/blobs/{sending.name}",
+                                         headers={"Authorization": f"token {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            assert resp.read() == body
+        sending.wait(timeout=60)
+    finally:
+        fal_magic.shutdown()
+        server.close()
+
+
 def test_blobs_need_the_token_and_take_only_their_own_names(remote, server):
     import urllib.error
     import urllib.request

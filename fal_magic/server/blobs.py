@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -343,8 +344,9 @@ class BlobHandler(_Receiving):
         self._stored()
 
     async def get(self, name: str) -> None:
-        """Send the blob with ``sendfile`` (the kernel copies it from the file to the socket), on the
-        connection taken over from tornado, whose writes copy every piece several times."""
+        """Send the blob with ``sendfile`` (the kernel copies it from the file to the socket; through
+        TLS, read and sent), on the connection taken from tornado, whose writes copy every piece
+        several times."""
         path = self.store.path(name)
         try:
             f = open(path, "rb", buffering=0)
@@ -379,10 +381,22 @@ def _send(sock: socket.socket, head: bytes, fd: int, size: int, growing: Growing
     while sent < size:
         ready = size if growing is None else min(size, growing.wait_past(sent))
         while sent < ready:
-            count = os.sendfile(sock.fileno(), fd, sent, ready - sent)
-            if count == 0:
-                raise OSError("the blob's file ended early")
-            sent += count
+            sent += _send_part(sock, fd, sent, ready)
+
+
+def _send_part(sock: socket.socket, fd: int, start: int, end: int) -> int:
+    """Send some of the bytes ``start`` to ``end`` of the file ``fd`` on ``sock``: how many. With
+    ``sendfile`` on a plain connection; through TLS, read and sent (``sendfile`` would put them on
+    the wire unencrypted, inside the TLS stream)."""
+    if isinstance(sock, ssl.SSLSocket):
+        data = os.pread(fd, min(end - start, RECEIVE_CHUNK), start)
+        sock.sendall(data)
+        count = len(data)
+    else:
+        count = os.sendfile(sock.fileno(), fd, start, end - start)
+    if count == 0:
+        raise OSError("the blob's file ended early")
+    return count
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -52,13 +52,17 @@ def fetch(base: str, name: str, size: int, key: bytes) -> memoryview:
     url = f"{base}/{name}"
     out = new_buffer(size)
     request = urllib.request.Request(url, headers=_headers(key, "GET", url))
-    with urllib.request.urlopen(request, timeout=600) as resp:
-        got = 0
-        while got < size:
-            count = resp.readinto(out[got:got + READ_CHUNK])
-            if not count:
-                raise OSError(f"the head sent {got} of {size} bytes of blob {name}")
-            got += count
+    try:
+        with urllib.request.urlopen(request, timeout=600) as resp:
+            got = 0
+            while got < size:
+                count = resp.readinto(out[got:got + READ_CHUNK])
+                if not count:
+                    raise OSError(f"it sent {got} of {size} bytes")
+                got += count
+    except OSError as exc:
+        raise OSError(f"fal_magic could not fetch a large argument ({size} bytes) from the server at {base}: "
+                      f"{exc}") from None
     moved["fetched"] += 1
     return out
 

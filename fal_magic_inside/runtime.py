@@ -91,18 +91,24 @@ class Runtime:
             return
         for index in data.get("parts", ()):
             buffers[index] = self._parts.pop(index)
-        uploaded = {}
-        for index, path in data.get("blobs", {}).items():  # uploaded to the server beside the websocket
-            directory, name = os.path.split(path)
-            uploaded[name] = shm_map(directory, name, os.stat(path).st_size)
-            buffers[int(index)] = memoryview(uploaded[name])
+        uploaded: dict[str, Any] = {}
         head = data.get("head_blobs")  # a kernel on a cluster host: its large frames wait on the head
         key = self.shell.kernel.session.key
-        for index, (name, size) in data.get("fetch", {}).items():
-            buffers[int(index)] = head_blobs.fetch(head, name, size, key)
+
+        def take_large_frames() -> None:
+            """Map or fetch the large frames, within the request: one that cannot be had is the
+            request's error (an exception here would leave the host without a reply)."""
+            for index, path in data.get("blobs", {}).items():  # uploaded to the server beside the websocket
+                directory, name = os.path.split(path)
+                uploaded[name] = shm_map(directory, name, os.stat(path).st_size)
+                buffers[int(index)] = memoryview(uploaded[name])
+            for index, (name, size) in data.get("fetch", {}).items():
+                buffers[int(index)] = head_blobs.fetch(head, name, size, key)
+
         kernel = self.shell.kernel
-        reply, frames = self.run(data, buffers, stdin=(kernel._parent_ident["shell"], kernel.get_parent("shell")))
-        del buffers
+        reply, frames = self.run(data, buffers, begin=take_large_frames,
+                                 stdin=(kernel._parent_ident["shell"], kernel.get_parent("shell")))
+        buffers.clear()  # (the arguments are not held while the results go)
         if data.get("blob_dir"):  # large results wait on the server for the host to fetch them
             reply["blobs"] = results_to_blobs(data["blob_dir"], frames, uploaded)
         elif head:  # (sent while the host already reads them; the reply does not wait for them)

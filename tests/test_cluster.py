@@ -167,6 +167,42 @@ def _signed(url: str, method: str, kernel_id: str, key: bytes, data: bytes | Non
         return exc.code, exc.read()
 
 
+def test_a_blob_a_host_kernel_cannot_fetch_is_a_clear_error_and_its_kernel_stays(cluster, cluster_server, monkeypatch):
+    """The kernel asks the head for a blob that is not there (as after a broken upload): the call
+    raises why, instead of the kernel seeming to die without a reply, and the kernel serves the next."""
+    import urllib.request
+
+    import numpy as np
+
+    from fal_magic_inside import head_blobs
+
+    real, put = head_blobs.start_put, []
+
+    def misnamed(*args, **kwargs):
+        put.append(real(*args, **kwargs))
+        sent = head_blobs.Sending.__new__(head_blobs.Sending)
+        sent.__dict__.update(put[-1].__dict__, name="u-" + "0" * 16)  # names a blob nobody uploaded
+        return sent
+
+    @isolated(keep_alive=30, requirements=["numpy"], machine_type="S")
+    def total(a):
+        import os
+
+        return float(a.sum()), os.getpid()
+
+    _, pid = total(np.ones(4))
+    monkeypatch.setattr(head_blobs, "start_put", misnamed)
+    with pytest.raises(OSError, match=r"could not fetch a large argument \(2097152 bytes\) from the server"):
+        total(np.ones(2 << 17))
+    monkeypatch.undo()
+    assert total(np.ones(2 << 17)) == (2 << 17, pid)  # the same kernel, still warm
+    url, _ = cluster_server
+    for sent in put:  # the blob that was uploaded under its real name, never fetched
+        request = urllib.request.Request(f"{url}/fal_magic/api/blobs/{sent.name}", method="DELETE",
+                                         headers={"Authorization": f"token {TOKEN}"})
+        urllib.request.urlopen(request, timeout=10).close()
+
+
 def test_short_commands_on_a_host_run_apart_in_its_kept_shell_which_is_replaced_when_it_dies(hosts, monkeypatch):
     """Checks, launches and ends of kernels go through one shell kept open per host: what one command
     exports never reaches the next (a kernel's KERNEL_ID and variables stay its own), output without a

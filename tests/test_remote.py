@@ -191,7 +191,7 @@ def test_large_buffers_travel_whole_through_a_server_on_https(fal_home, tmp_path
     from .conftest import self_signed, start_server
 
     cert, key = self_signed(tmp_path)
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts it (urllib; websocket-client:)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client trusts it: urllib by this, websocket-client by the next
     monkeypatch.setenv("WEBSOCKET_CLIENT_CA_BUNDLE", str(cert))
     server = start_server(fal_home / "server", tmp_path, f"--ServerApp.certfile={cert}", f"--ServerApp.keyfile={key}",
                           scheme="https")

@@ -230,18 +230,19 @@ class _Receiving(_BlobHandler):
             self._refuse(413, f"the blob is larger than this server's blob quota of {_mib(self.store.quota)} "
                               "(FalMagicServer.blob_quota)")
             return
-        view = memoryview(chunk)
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
+            _write_all(self._fd, memoryview(chunk))
         except OSError as exc:
-            self._refuse(507, f"this server cannot store the blob: {exc.strerror or exc} in {self.store.dir.parent}")
+            self._refuse(507, self._cannot_store(exc.strerror or str(exc)))
             return
         self._growing.wrote(len(chunk))
 
     def _refuse(self, status: int, message: str) -> None:
         self._refused = web.HTTPError(status, message)
         self._discard()
+
+    def _cannot_store(self, why: str) -> str:
+        return f"this server cannot store the blob: {why} in {self.store.dir.parent}"
 
     def _stored(self) -> None:
         """The body has come: answer with the blob's name and path, or with why it was not kept."""
@@ -314,7 +315,7 @@ class BlobHandler(_Receiving):
             failure = await _in_thread(_receive_body, stream.socket, fd, growing.size, early, growing.wrote)
             if failure:
                 path.unlink(missing_ok=True)
-                status, answer = 507, f"this server cannot store the blob: {failure} in {self.store.dir.parent}"
+                status, answer = 507, self._cannot_store(failure)
             else:
                 status, answer = 200, json.dumps({"name": path.name, "path": str(path)})
             body = answer.encode()
@@ -425,6 +426,12 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await done
 
 
+def _write_all(fd: int, view: memoryview) -> None:
+    """Write all of ``view`` to the file ``fd`` (OSError when it cannot take it: a full disk)."""
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _receive_body(sock: socket.socket, fd: int, size: int, early: bytes, wrote: Callable[[int], None]) -> str:
     """Say '100 Continue' on ``sock``, then receive ``size`` bytes from it (after ``early``, which
     tornado had read already) into the file ``fd``, saying each piece to ``wrote`` (blocking, in a
@@ -440,9 +447,7 @@ def _receive_body(sock: socket.socket, fd: int, size: int, early: bytes, wrote: 
             got += piece.nbytes
             if not failure:
                 try:
-                    rest = piece
-                    while rest:
-                        rest = rest[os.write(fd, rest):]
+                    _write_all(fd, piece)
                     wrote(piece.nbytes)
                 except OSError as exc:
                     failure = exc.strerror or str(exc)

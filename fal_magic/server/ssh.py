@@ -151,13 +151,13 @@ def run_short(host: str, command: str) -> list[str]:
         lock = _shell_locks.setdefault(host, threading.Lock())
     with lock:
         shell = _shells.get(host)
-        try:
-            if shell is None:
-                raise EOFError
-            shell.send(command)
-        except (EOFError, OSError, paramiko.SSHException):
-            if shell is not None:
+        if shell is not None:
+            try:
+                shell.send(command)
+            except (OSError, paramiko.SSHException):  # gone since its last command: nothing was run
                 shell.close()
+                shell = None
+        if shell is None:
             shell = _shells[host] = HostShell(host)
             shell.send(command)
         try:

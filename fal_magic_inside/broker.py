@@ -11,7 +11,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
-from .frames import add_note, dumps, loads, sign
+from .frames import FalMagicFailure, add_note, dumps, loads, sign
 
 BROKER_ENV = "FAL_MAGIC_BROKER"
 
@@ -30,7 +30,7 @@ def register_runner(runner: Runner) -> None:
     _runner = runner
 
 
-class NestedCallError(Exception):
+class NestedCallError(FalMagicFailure):
     """An isolated function called inside another failed in a way that has no type of its own here."""
 
 

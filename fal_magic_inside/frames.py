@@ -19,6 +19,11 @@ PROTOCOL = 5
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+class FalMagicFailure(Exception):
+    """A failure of fal_magic's own inside a kernel, not of the user's code: the host raises it as a
+    ``FalMagicError`` with its message, not as if the user's function had raised it."""
+
+
 def dumps(obj: Any) -> list[Any]:
     """Pickle ``obj`` into frames: the pickle stream, then each large buffer out of band (pickle 5)."""
     buffers: list[Any] = []

@@ -23,7 +23,7 @@ import urllib.request
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .frames import new_buffer
+from .frames import FalMagicFailure, new_buffer
 from .shm import BLOB_MIN
 
 #: Headers of a request signed by a kernel: its id, the time, the signature.
@@ -61,8 +61,8 @@ def fetch(base: str, name: str, size: int, key: bytes) -> memoryview:
                     raise OSError(f"it sent {got} of {size} bytes")
                 got += count
     except OSError as exc:
-        raise OSError(f"fal_magic could not fetch a large argument ({size} bytes) from the server at {base}: "
-                      f"{exc}") from None
+        raise FalMagicFailure(f"fal_magic could not fetch a large argument ({size} bytes) from the server at "
+                              f"{base}: {exc}") from None
     moved["fetched"] += 1
     return out
 

@@ -192,7 +192,7 @@ def test_a_blob_a_host_kernel_cannot_fetch_is_a_clear_error_and_its_kernel_stays
 
     _, pid = total(np.ones(4))
     monkeypatch.setattr(head_blobs, "start_put", misnamed)
-    with pytest.raises(OSError, match=r"could not fetch a large argument \(2097152 bytes\) from the server"):
+    with pytest.raises(FalMagicError, match=r"could not fetch a large argument \(2097152 bytes\) from the server"):
         total(np.ones(2 << 17))
     monkeypatch.undo()
     assert total(np.ones(2 << 17)) == (2 << 17, pid)  # the same kernel, still warm

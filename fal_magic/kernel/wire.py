@@ -15,8 +15,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 import cloudpickle
-from fal_magic_inside.broker import NestedCallError
-from fal_magic_inside.frames import add_note, describe_exception, dumps, loads, type_name
+from fal_magic_inside.frames import FalMagicFailure, add_note, describe_exception, dumps, loads, type_name
 
 from ..errors import FalMagicError, RemoteError, SerializationError
 from .tracebacks import attach, render_chain
@@ -217,7 +216,7 @@ def rebuild_exception(payload: dict, requirements: Sequence[str] = (), fn: Calla
                 exc = None
         if not isinstance(exc, BaseException):
             exc = RemoteError(item["type"], item["message"])
-        elif isinstance(exc, NestedCallError):  # the kernel's stand-in for fal_magic's own errors
+        elif isinstance(exc, FalMagicFailure):  # the kernel's stand-in for fal_magic's own errors
             exc = FalMagicError(str(exc))
         rebuilt.append(exc)
     for exc, item, nxt in zip(rebuilt, links, rebuilt[1:] + [None]):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class OutputSink(Protocol):
@@ -47,12 +49,25 @@ def ipython_shell() -> Any:
         return None
 
 
+class CallerContext:
+    """The caller's contextvars, for code run on the caller's behalf from any thread. Each run enters a
+    copy of its own: one Context cannot be entered by two threads at once (a status line's timer
+    drawing while the call finishes, a stream while a widget's message is bridged)."""
+
+    def __init__(self) -> None:
+        self._context = contextvars.copy_context()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a copy of the caller's context."""
+        return self._context.copy().run(fn, *args)
+
+
 class CallerOutput:
     """Writes streams to the caller's ``sys.stdout``/``sys.stderr`` and rich outputs through IPython's
     display machinery (plain text outside IPython), in the context where it was created."""
 
     def __init__(self) -> None:
-        self._context = contextvars.copy_context()
+        self._context = CallerContext()
 
     def stream(self, name: str, text: str) -> None:
         self._context.run(self._stream, name, text)

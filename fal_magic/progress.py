@@ -9,7 +9,6 @@ Every step also goes to the ``fal_magic`` logger at DEBUG, for those who want al
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import shutil
 import sys
@@ -18,7 +17,7 @@ import time
 from typing import Any
 
 from .envs.cache import INSTALLER_LINE as INSTALLER
-from .outputs import ipython_shell
+from .outputs import CallerContext, ipython_shell
 
 log = logging.getLogger("fal_magic")
 
@@ -45,7 +44,7 @@ class StatusLine:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self._context = contextvars.copy_context()
+        self._context = CallerContext()
         self._started = time.monotonic()
         self._build_started: float | None = None
         self._build_ended: float | None = None

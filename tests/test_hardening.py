@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,34 @@ def test_kernels_that_expire_together_are_shut_down_together():
     # one after another this took ~11 s past the deadline; together, a few seconds at most
     took = time.monotonic() - released
     assert took < 1 + 5, f"the last of 16 expired kernels ended {took:.1f}s after they were released"
+
+
+def test_a_status_line_drawn_just_as_its_call_finishes_does_not_fail_the_call(monkeypatch):
+    """The status line's timer draws in its own thread, in the caller's context; the call finishing
+    then entered that same context from the main thread, and Python refused (seen in CI as a
+    notebook cell failing with 'cannot enter context ... is already entered')."""
+    from fal_magic import progress
+
+    monkeypatch.setattr(progress, "_notebook", lambda: True)
+    monkeypatch.setattr(progress, "SHOW_AFTER", 0.01)
+    lines: list[str] = []
+    drawing, go_on = threading.Event(), threading.Event()
+
+    def slow_update(self, line):
+        lines.append(line)
+        self._handle = line  # shown
+        if len(lines) == 1:
+            drawing.set()
+            go_on.wait(10)
+
+    monkeypatch.setattr(progress.StatusLine, "_update", slow_update)
+    status = progress.StatusLine("requests")
+    status("building environment")
+    assert drawing.wait(10)
+    threading.Timer(0.2, go_on.set).start()
+    status.finish(ok=True)  # while the timer's thread is still drawing the first line
+    assert len(lines) == 2 and "building environment" in lines[0]
+    assert lines[1].startswith("fal_magic · requests · environment "), lines
 
 
 @pytest.fixture

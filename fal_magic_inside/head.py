@@ -10,6 +10,9 @@ import threading
 #: kernel may go without reaching it before it ends itself (the server was killed: nobody else would).
 HEAD_ENV = "FAL_MAGIC_HEAD"
 ORPHAN_ENV = "FAL_MAGIC_ORPHAN_TIMEOUT"
+#: Set there when that server is on https: its certificates (base64 of their PEM), which the kernel
+#: trusts for the server's blob endpoint beside the system's (a self-signed server's too).
+HEAD_CERT_ENV = "FAL_MAGIC_HEAD_CERT"
 
 
 def end_on_host() -> None:
@@ -43,6 +46,7 @@ def _watch_head(address: str, patience: float) -> None:
     import time
 
     host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address
     lost_since: float | None = None
     while True:
         try:

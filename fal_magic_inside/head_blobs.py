@@ -12,6 +12,8 @@ The kernel has no server token; it signs each request with its own connection ke
 method, the path and the time), which the server checks against the key of the kernel it names."""
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -24,6 +26,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from .frames import FalMagicFailure, new_buffer
+from .head import HEAD_CERT_ENV
 from .shm import BLOB_MIN
 
 #: Headers of a request signed by a kernel: its id, the time, the signature.
@@ -47,13 +50,31 @@ def _headers(key: bytes, method: str, url: str) -> dict[str, str]:
             SIGNATURE_HEADER: signature(key, method, urlsplit(url).path, when)}
 
 
+def tls_context() -> ssl.SSLContext:
+    """How the head's certificate is checked: against the system's authorities (``SSL_CERT_FILE``,
+    ``SSL_CERT_DIR`` as they are now), and in a host's kernel also against the head's own
+    certificates, which the server passes it (a self-signed one, or one from an authority the host
+    does not know)."""
+    return _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"), os.environ.get(HEAD_CERT_ENV))
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(cert_file: str | None, cert_dir: str | None, head_certificates: str | None) -> ssl.SSLContext:
+    """One context per set of trust settings (``create_default_context`` reads the first two itself)."""
+    context = ssl.create_default_context()
+    if head_certificates:
+        context.load_verify_locations(cadata=base64.b64decode(head_certificates).decode("ascii"))
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the head's own certificate is enough
+    return context
+
+
 def fetch(base: str, name: str, size: int, key: bytes) -> memoryview:
     """Fetch (and so remove) the blob ``name`` of ``size`` bytes from the head: a writable buffer."""
     url = f"{base}/{name}"
     out = new_buffer(size)
     request = urllib.request.Request(url, headers=_headers(key, "GET", url))
     try:
-        with urllib.request.urlopen(request, timeout=600) as resp:
+        with urllib.request.urlopen(request, timeout=600, context=tls_context()) as resp:
             got = 0
             while got < size:
                 count = resp.readinto(out[got:got + READ_CHUNK])
@@ -113,7 +134,7 @@ def start_put(base: str, buffer: Any, headers_for: Callable[[str], dict[str, str
     sock = socket.create_connection((url.hostname or "127.0.0.1", port), timeout=timeout)
     try:
         if url.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=url.hostname)
+            sock = tls_context().wrap_socket(sock, server_hostname=url.hostname)
         lines = [f"PUT {url.path} HTTP/1.1", f"Host: {url.netloc.rpartition('@')[2]}",
                  f"Content-Length: {view.nbytes}", "Content-Type: application/octet-stream",
                  "Expect: 100-continue", "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]

@@ -191,14 +191,14 @@ def _fresh_pool():
 
 
 def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
-                 scheme: str = "http"):
-    """Start a jupyter_server with the extension on 127.0.0.1 (its own cache and token), through the
-    command ``prefix`` if any; yield its URL and process, and stop it after. With ``scheme="https"``
-    the ``args`` give its certificate (and the client must trust it)."""
+                 scheme: str = "http", ip: str = "127.0.0.1"):
+    """Start a jupyter_server with the extension listening on ``ip`` (its own cache and token), through
+    the command ``prefix`` if any; yield its URL on 127.0.0.1 and its process, and stop it after. With
+    ``scheme="https"`` the ``args`` give its certificate (and the client must trust it)."""
     port = free_port()
     proc = subprocess.Popen(
         [*prefix, sys.executable, "-m", "jupyter_server",  # the extension: enabled by fal_magic's install
-         f"--IdentityProvider.token={TOKEN}", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
+         f"--IdentityProvider.token={TOKEN}", f"--port={port}", f"--ip={ip}", "--no-browser",
          "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}", *args],
         env={**os.environ, "FAL_MAGIC_HOME": str(home), **(env or {})},
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))

@@ -261,3 +261,48 @@ def test_large_frames_reach_a_host_kernel_through_the_head_blobs_signed_with_its
     assert _signed(blobs, "POST", kernel_id, key, b"x", when=int(time.time()) - 3600)[0] == 403  # an old one
     assert _signed(f"{blobs}/..%2Fserver.log", "GET", kernel_id, key)[0] in (400, 404)
     assert list(blob_dir.iterdir()) == []
+
+
+def test_a_head_on_https_listening_everywhere_gives_its_host_kernels_its_certificate_and_address(
+        hosts, tmp_path, monkeypatch):
+    """A head server on https with a self-signed certificate the hosts do not know, listening on every
+    interface: a host's kernel fetches a large argument and puts a large result there, trusting the
+    certificate the server passed it (only its certificates, never the key its file also holds), at
+    the address hosts answer to, not 0.0.0.0 (which is the host itself)."""
+    import base64
+
+    import numpy as np
+
+    from .conftest import MACHINE_TYPES, self_signed, start_server
+
+    cert, key = self_signed(tmp_path)
+    both = tmp_path / "server.pem"  # one file with the key and the certificate, as some servers keep them
+    both.write_text(key.read_text() + cert.read_text())
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the caller trusts it; the hosts' sshd passes on their own
+    monkeypatch.setenv("WEBSOCKET_CLIENT_CA_BUNDLE", str(cert))
+    (tmp_path / "root").mkdir()
+    server = start_server(hosts.cache, tmp_path / "root", f"--ServerApp.certfile={both}",
+                          f"--FalMagicServer.machine_types={MACHINE_TYPES!r}", env=hosts.server_env(), scheme="https",
+                          ip="0.0.0.0")
+    url, _ = next(server)
+    try:
+        @isolated(keep_alive=60, requirements=["numpy"], machine_type="S", host=url)
+        def doubled(a):
+            import os
+
+            from fal_magic_inside.head_blobs import moved
+
+            return a * 2, dict(moved), os.environ["FAL_MAGIC_HEAD"], os.environ["FAL_MAGIC_HEAD_CERT"]
+
+        fal_magic.configure(token=TOKEN)
+        a = np.random.default_rng(0).random(4 << 17)  # 4 MiB: a blob each way
+        twice, moved, head, certificates = doubled(a)
+        assert np.array_equal(twice, a * 2)
+        assert moved["fetched"] == 1  # beside the websocket, over TLS
+        assert doubled(a)[1]["posted"] == 1  # and so went the first call's result
+        assert head == f"127.0.0.1:{url.rpartition(':')[2]}"  # GP_RESPONSE_IP, where hosts send replies
+        passed = base64.b64decode(certificates).decode()
+        assert passed.strip() == cert.read_text().strip() and "PRIVATE KEY" not in passed
+    finally:
+        fal_magic.shutdown()
+        server.close()

@@ -9,6 +9,7 @@ encrypts the connection details it sends back to the server with it.
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -44,6 +45,25 @@ def cluster_spec(spec: EnvSpec) -> EnvSpec:
     """The spec of ``spec``'s environment on a host: the launcher's packages added (another key)."""
     return EnvSpec(requirements=make_spec([*spec.requirements, *LAUNCHER_PACKAGES]).requirements,
                    python=spec.python, cloudpickle=spec.cloudpickle)
+
+
+def head_host(ip: str) -> str:
+    """Where a host's kernels reach this server, from the ip it listens on: that ip, except where it
+    listens on every interface (a host would reach itself at 0.0.0.0): then the address
+    gateway_provisioners gives hosts for their kernels' connection details (``GP_RESPONSE_IP``)."""
+    if ip in ("", "0.0.0.0", "::", "*"):
+        from gateway_provisioners import response_manager
+
+        ip = response_manager.response_ip or response_manager.local_ip
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def head_certificates(certfile: str) -> str:
+    """The certificates of this server's ``certfile`` (never a private key that file may also hold),
+    as one base64 line: a host's kernels trust them for the server's blob endpoint."""
+    text = Path(certfile).read_text()
+    blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.S)
+    return base64.b64encode("\n".join(blocks).encode()).decode() if blocks else ""
 
 
 def slug(text: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fal_magic_inside.broker import REMOTE_ENV
-from fal_magic_inside.head import HEAD_ENV, ORPHAN_ENV
+from fal_magic_inside.head import HEAD_CERT_ENV, HEAD_ENV, ORPHAN_ENV
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
@@ -36,7 +36,7 @@ from ..masking import mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
 from . import blobs
-from .cluster import HostGroups, cluster_spec, slug
+from .cluster import HostGroups, cluster_spec, head_certificates, head_host, slug
 from .ssh import HostUnreachable, close_connections, connection
 from .launcher import assemble_launcher
 
@@ -98,6 +98,7 @@ class FalMagicServer(LoggingConfigurable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.head_blobs_url = ""  # where a cluster host's kernels fetch and post large frames (set at load)
+        self.head_certificates = ""  # what they trust there, when this server is on https (set at load)
         home = Path(self.home).expanduser() if self.home else FalMagic().home_path()
         self.cache = EnvCache(home)
         self.kernelspecs_dir = home / "kernelspecs"
@@ -153,7 +154,8 @@ class FalMagicServer(LoggingConfigurable):
                      "--response-address", "{response_address}", "--public-key", "{public_key}",
                      "--kernel-class-name", "ipykernel.ipkernel.IPythonKernel"],
             "env": {**kernel_env(env_path, "${PATH}"), **group["env"], REMOTE_ENV: "1",
-                    HEAD_ENV: self.head_address, ORPHAN_ENV: str(self.orphan_timeout)},
+                    HEAD_ENV: self.head_address, ORPHAN_ENV: str(self.orphan_timeout),
+                    **({HEAD_CERT_ENV: self.head_certificates} if self.head_certificates else {})},
             "metadata": {"kernel_provisioner": {"provisioner_name": "fal-magic-host-provisioner", "config": {
                 "remote_hosts": [host], "load_balancing_algorithm": "round-robin"}}},
         }, host=host, machine_type=machine_type)
@@ -351,7 +353,6 @@ def _connection_class(base: type) -> type:
 def load(serverapp: Any) -> None:
     """Register the endpoint, make the server find our kernelspecs, and start the orphan culler."""
     ext = FalMagicServer(parent=serverapp, log=serverapp.log)
-    ext.head_address = ext.head_address or f"{serverapp.ip or '127.0.0.1'}:{serverapp.port}"
     ensure_private_dir(ext.cache.home)
     ensure_private_dir(ext.kernelspecs_dir)
     specs = serverapp.kernel_spec_manager
@@ -359,9 +360,12 @@ def load(serverapp: Any) -> None:
         specs.kernel_dirs = [*specs.kernel_dirs, str(ext.kernelspecs_dir)]
     web_app = serverapp.web_app
     web_app.settings["fal_magic"] = ext
-    scheme = "https" if serverapp.certfile else "http"
-    ext.head_blobs_url = url_path_join(f"{scheme}://{ext.head_address}", web_app.settings["base_url"], "fal_magic",
-                                       "api", "blobs")
+    if ext.machine_types:  # what a host's kernels need of this server
+        ext.head_address = ext.head_address or f"{head_host(serverapp.ip)}:{serverapp.port}"
+        scheme = "https" if serverapp.certfile else "http"
+        ext.head_blobs_url = url_path_join(f"{scheme}://{ext.head_address}", web_app.settings["base_url"],
+                                           "fal_magic", "api", "blobs")
+        ext.head_certificates = head_certificates(serverapp.certfile) if serverapp.certfile else ""
     connection_class = web_app.settings.get("kernel_websocket_connection_class")
     if connection_class is not None:
         web_app.settings["kernel_websocket_connection_class"] = _connection_class(connection_class)

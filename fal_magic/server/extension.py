@@ -91,8 +91,9 @@ class FalMagicServer(LoggingConfigurable):
     )
     head_address = Unicode(
         "", config=True,
-        help="host:port at which hosts reach this server; a host's kernel exits when it cannot for "
-             "orphan_timeout seconds. Empty: this server's own ip and port.",
+        help="host:port at which hosts reach this server (its blob endpoint; a host's kernel exits when it "
+             "cannot for orphan_timeout seconds). Empty: this server's ip and port, or where it listens on "
+             "every interface, GP_RESPONSE_IP's (else this machine's) address. On https: a name its certificate holds.",
     )
 
     def __init__(self, **kwargs: Any) -> None:

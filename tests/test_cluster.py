@@ -94,6 +94,8 @@ def test_kernels_on_hosts_end_when_their_server_is_killed(hosts, tmp_path):
         assert wait_until(lambda: not started & set(kernel_pids()), timeout=ORPHAN_TIMEOUT + 15)
         for ip in ("127.0.0.2", "127.0.0.3"):  # nor are their connection files and logs left behind
             assert not any(kid in hosts.run(ip, "ls /tmp") for kid in ids)
+        # its log said that other machines could not reach it at 127.0.0.1 (here the hosts are this one)
+        assert "listens on 127.0.0.1 only" in (tmp_path / "server.log").read_text()
     finally:
         from fal_magic.kernel import get_pool
 
@@ -303,6 +305,7 @@ def test_a_head_on_https_listening_everywhere_gives_its_host_kernels_its_certifi
         assert head == f"127.0.0.1:{url.rpartition(':')[2]}"  # GP_RESPONSE_IP, where hosts send replies
         passed = base64.b64decode(certificates).decode()
         assert passed.strip() == cert.read_text().strip() and "PRIVATE KEY" not in passed
+        assert "listens on" not in (tmp_path / "root" / "server.log").read_text()
     finally:
         fal_magic.shutdown()
         server.close()

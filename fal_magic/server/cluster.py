@@ -10,6 +10,7 @@ encrypts the connection details it sends back to the server with it.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import itertools
 import json
 import re
@@ -56,6 +57,14 @@ def head_host(ip: str) -> str:
 
         ip = response_manager.response_ip or response_manager.local_ip
     return f"[{ip}]" if ":" in ip else ip
+
+
+def loopback_only(ip: str) -> bool:
+    """Whether a server listening on ``ip`` is out of other machines' reach (localhost, 127.x, ::1)."""
+    try:
+        return ip == "localhost" or ipaddress.ip_address(ip.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def head_certificates(certfile: str) -> str:

@@ -36,7 +36,7 @@ from ..masking import mask_credentials
 from ..errors import FalMagicError
 from ..kernel.protocol import kernel_argv, kernel_env
 from . import blobs
-from .cluster import HostGroups, cluster_spec, head_certificates, head_host, slug
+from .cluster import HostGroups, cluster_spec, head_certificates, head_host, loopback_only, slug
 from .ssh import HostUnreachable, close_connections, connection
 from .launcher import assemble_launcher
 
@@ -362,6 +362,12 @@ def load(serverapp: Any) -> None:
     web_app = serverapp.web_app
     web_app.settings["fal_magic"] = ext
     if ext.machine_types:  # what a host's kernels need of this server
+        if not ext.head_address and loopback_only(serverapp.ip):
+            serverapp.log.warning(
+                "fal_magic: this server listens on %s only, where kernels on other machines cannot reach it "
+                "(for large buffers, and to see it still runs: they end after orphan_timeout). Set "
+                "--ServerApp.ip, or --FalMagicServer.head_address if hosts reach it through a tunnel.",
+                serverapp.ip)
         ext.head_address = ext.head_address or f"{head_host(serverapp.ip)}:{serverapp.port}"
         scheme = "https" if serverapp.certfile else "http"
         ext.head_blobs_url = url_path_join(f"{scheme}://{ext.head_address}", web_app.settings["base_url"],

@@ -25,6 +25,7 @@ from tornado import web
 from tornado.ioloop import PeriodicCallback
 from traitlets import Bool, Dict, Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
+import zmq
 
 from ..config import FalMagic
 from ..envs import EnvCache, EnvSpec, Indexes, make_spec
@@ -306,6 +307,9 @@ class EnvsHandler(blobs.TokenNeeded, APIHandler):
         await self.finish()
 
 
+#: How often the server's sockets retry a connection to a kernel that does not listen yet, in ms.
+RECONNECT_EVERY_MS = 10
+
 #: How often a new websocket of a fal_magic kernel asks the kernel for its info until the server's
 #: iopub subscription is seen live. jupyter_server's nudge asks again only every 0.5 s, and about one
 #: first try in four here was lost to ZeroMQ's slow joiner: a first call then took ~0.8 s, not ~0.3.
@@ -373,6 +377,9 @@ def load(serverapp: Any) -> None:
         ext.head_blobs_url = url_path_join(f"{scheme}://{ext.head_address}", web_app.settings["base_url"],
                                            "fal_magic", "api", "blobs")
         ext.head_certificates = head_certificates(serverapp.certfile) if serverapp.certfile else ""
+    # the server connects to a new kernel before it listens: retry every 10 ms, not zmq's 100 ms, which
+    # a first call paid in full (or twice) while the kernel came up
+    serverapp.kernel_manager.context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_EVERY_MS)
     connection_class = web_app.settings.get("kernel_websocket_connection_class")
     if connection_class is not None:
         web_app.settings["kernel_websocket_connection_class"] = _connection_class(connection_class)

@@ -41,7 +41,7 @@ TEMPLATE_NAME = "fal-template"
 KERNEL_NAME = "fal-kernel"
 
 
-def _name(name: str) -> None:
+def name_process(name: str) -> None:
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(name)
@@ -49,7 +49,7 @@ def _name(name: str) -> None:
         pass
 
 
-def _threads() -> int:
+def threads() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:
@@ -111,9 +111,9 @@ class _Template:
 
     def fork(self, request: dict[str, Any], fds: list[int]) -> int:
         """Fork a kernel; in the child, set it up as jupyter_client's launcher would and return 0."""
-        threads = _threads()
-        if threads > 1 or len(fds) != 4:
-            self.send(op="failed", error=f"cannot fork: {threads} threads, {len(fds)} descriptors")
+        running = threads()
+        if running > 1 or len(fds) != 4:
+            self.send(op="failed", error=f"cannot fork: {running} threads, {len(fds)} descriptors")
             for fd in fds:
                 os.close(fd)
             return -1
@@ -132,22 +132,29 @@ class _Template:
         return pid
 
     def become_child(self, request: dict[str, Any], fds: list[int]) -> None:
-        _name(KERNEL_NAME)
-        os.setsid()  # its own session and process group, as jupyter_client starts kernels
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter has it
-        *stdio, variables = fds
-        with os.fdopen(variables, "rb") as f:  # the variables: read here only, never by the template
-            env = json.loads(f.read())
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
-        self.host.detach()
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(env)
+        self.host.detach()  # its descriptor is closed with the others
+        become_kernel(fds, request["cwd"])
         os.environ["JPY_PARENT_PID"] = str(os.getppid())
+
+
+def become_kernel(fds: list[int], cwd: str) -> None:
+    """In a child just forked from a template: a kernel process of its own, as jupyter_client's
+    launcher would start it. ``fds``: its stdin, stdout, stderr, and a memory file of its variables
+    (read here only, never by the template: they may be secrets); every other descriptor is closed."""
+    name_process(KERNEL_NAME)
+    os.setsid()  # its own session and process group, as jupyter_client starts kernels
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a new interpreter has it
+    *stdio, variables = fds
+    with os.fdopen(variables, "rb") as f:
+        env = json.loads(f.read())
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def end_kernels(children: set[int]) -> None:
@@ -171,7 +178,7 @@ def run_kernel(request: dict[str, Any]) -> None:
 
 def main() -> None:
     del sys.path[0]  # this file's directory (fal_magic's kernel package) is not the kernel's
-    _name(TEMPLATE_NAME)
+    name_process(TEMPLATE_NAME)
     host = socket.socket(fileno=0)
     template = _Template(host)
     try:
@@ -188,7 +195,7 @@ def main() -> None:
     # collection would otherwise write to, and so copy, nearly every page of it in each kernel)
     gc.collect()
     gc.freeze()
-    template.send(op="ready", pid=os.getpid(), threads=_threads(), sources=sources)
+    template.send(op="ready", pid=os.getpid(), threads=threads(), sources=sources)
     request = template.serve()
     if request is None:
         end_kernels(template.children)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -82,16 +83,18 @@ def test_kernels_on_hosts_end_when_their_server_is_killed(hosts, tmp_path):
                            env=hosts.server_env())
     url, proc = next(servers)
     try:
-        before = set(kernel_pids())
+        before, templates_before = set(kernel_pids()), set(kernel_pids(templates=True))
         fal_magic.configure(host=url, token=TOKEN)
         spread = isolated(machine_type="S", max_kernels=2, keep_alive=60)(lambda n: n)
         assert list(spread.map(range(4))) == [0, 1, 2, 3]
         ids = [k["id"] for k in server_api(url, "/api/kernels")]
         started = set(kernel_pids()) - before
-        assert len(ids) == 2 and len(started) >= 2
+        templates = set(kernel_pids(templates=True)) - templates_before  # one on each host, for this server
+        assert len(ids) == 2 and len(started) >= 2 and len(templates) == 2
         proc.kill()  # SIGKILL: the server can clean up nothing
         proc.wait()
         assert wait_until(lambda: not started & set(kernel_pids()), timeout=ORPHAN_TIMEOUT + 15)
+        assert wait_until(lambda: not templates & set(kernel_pids(templates=True)), timeout=ORPHAN_TIMEOUT + 15)
         for ip in ("127.0.0.2", "127.0.0.3"):  # nor are their connection files and logs left behind
             assert not any(kid in hosts.run(ip, "ls /tmp") for kid in ids)
         # its log said that other machines could not reach it at 127.0.0.1 (here the hosts are this one)
@@ -309,3 +312,57 @@ def test_a_head_on_https_listening_everywhere_gives_its_host_kernels_its_certifi
     finally:
         fal_magic.shutdown()
         server.close()
+
+
+def test_a_host_kernel_is_forked_from_its_environments_template_which_holds_none_of_its_variables(cluster):
+    """A host forks a kernel from the template of its environment there (imports done once), not from
+    a new Python; the kernel gets its group's variables and its id, the template neither (they may
+    be secrets), and the template runs in the host's own file namespace."""
+    @isolated(machine_type="ONE", keep_alive=30)
+    def where():
+        import os
+
+        parent = os.getppid()
+        with open(f"/proc/{parent}/comm") as comm, open(f"/proc/{parent}/environ", "rb") as environ:
+            return open("/proc/self/comm").read().strip(), comm.read().strip(), environ.read(), os.environ.get("GROUP")
+
+    name, parent, parent_environ, group = where()
+    assert (name, parent, group) == ("fal-kernel", "fal-template", "one")
+    assert b"GROUP=" not in parent_environ and b"KERNEL_ID=" not in parent_environ
+    assert b"FAL_MAGIC_HEAD=" in parent_environ  # what it needs: the server it ends without
+
+
+def test_a_host_launches_its_kernel_anew_where_the_templates_directory_is_not_its_own(hosts, tmp_path):
+    """Where the templates' directory is open to other users, a host does not use it: the kernel is
+    launched as a new process, and says why in its log."""
+    from .conftest import server_api, start_server
+
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="fal-open-", dir="/tmp"))  # short: a socket's path is
+    (shared / f"fal_magic-templates-{os.getuid()}").mkdir()
+    os.chmod(shared / f"fal_magic-templates-{os.getuid()}", 0o777)
+    groups = {"OPEN": {"hosts": ["127.0.0.2"], "env": {"TMPDIR": str(shared)}}}
+    (tmp_path / "root").mkdir()
+    server = start_server(hosts.cache, tmp_path / "root", f"--FalMagicServer.machine_types={groups!r}",
+                          env=hosts.server_env())
+    url, _ = next(server)
+    try:
+        @isolated(machine_type="OPEN", keep_alive=30, host=url)
+        def where():
+            import os
+
+            return open("/proc/self/comm").read().strip(), os.getpid()
+
+        fal_magic.configure(token=TOKEN)
+        name, _ = where()
+        assert name != "fal-kernel"
+        [kernel] = server_api(url, "/api/kernels")
+        log = Path(f"/tmp/kernel-{kernel['id']}.log").read_text()  # the hosts' /tmp is this machine's
+        assert "kernel launched without its template" in log and "is not a directory of this user's alone" in log
+        assert os.listdir(shared / f"fal_magic-templates-{os.getuid()}") == []
+    finally:
+        fal_magic.shutdown()
+        server.close()
+        shutil.rmtree(shared)

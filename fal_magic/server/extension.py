@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from fal_magic_inside.broker import REMOTE_ENV
 from fal_magic_inside.head import HEAD_CERT_ENV, HEAD_ENV, ORPHAN_ENV
+from fal_magic_inside.host_template import KEEP_ALIVE_ENV
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
@@ -65,6 +66,11 @@ class FalMagicServer(LoggingConfigurable):
         config=True,
         help="Merged into the metadata of every kernelspec written here, e.g. a kernel_provisioner "
              "(gateway_provisioners) that starts the kernels in containers.",
+    )
+    template_keep_alive = Float(
+        300.0, min=0.0, config=True,
+        help="Seconds the kernel template of an environment on a cluster host stays after its last kernel "
+             "there ended (it forks that environment's kernels there: a first call skips their imports).",
     )
     machine_types = Dict(
         config=True,
@@ -157,6 +163,7 @@ class FalMagicServer(LoggingConfigurable):
                      "--kernel-class-name", "ipykernel.ipkernel.IPythonKernel"],
             "env": {**kernel_env(env_path, "${PATH}"), **group["env"], REMOTE_ENV: "1",
                     HEAD_ENV: self.head_address, ORPHAN_ENV: str(self.orphan_timeout),
+                    KEEP_ALIVE_ENV: str(self.template_keep_alive),
                     **({HEAD_CERT_ENV: self.head_certificates} if self.head_certificates else {})},
             "metadata": {"kernel_provisioner": {"provisioner_name": "fal-magic-host-provisioner", "config": {
                 "remote_hosts": [host], "load_balancing_algorithm": "round-robin"}}},

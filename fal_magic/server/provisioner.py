@@ -18,6 +18,8 @@ server is done with them.
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 import socket
 from typing import Any
 
@@ -54,6 +56,19 @@ class HostProvisioner(DistributedProvisioner):
         self.log_kernel_launch(cmd)
         await self.confirm_remote_startup()
         return self.connection_info
+
+    def _build_startup_command(self, cmd: list[str], **kwargs: Any) -> Any:
+        """gateway_provisioners' command (the kernelspec's variables exported, then ``nohup LAUNCHER
+        ARGS & echo $!``), with the kernel forked from the environment's template on the host
+        instead (``fal_magic_inside/host_template.py``), which writes its pid on descriptor 3."""
+        startup = super()._build_startup_command(cmd, **kwargs)
+        launch = "nohup" + "".join(f" {arg}" for arg in cmd) + f" >> {self.kernel_log} 2>&1 & echo $!"
+        if not isinstance(startup, str) or not startup.endswith(launch) or len(cmd) < 2:
+            return startup  # a local launch, or a command of another form: as it is
+        python, launcher, *args = cmd
+        client = os.path.join(os.path.dirname(launcher), "fal_magic_inside", "host_template.py")  # see launcher.py
+        forked = " ".join(shlex.quote(part) for part in [python, client, launcher, *args])
+        return f"{startup[:-len(launch)]}{forked} 3>&1 >> {shlex.quote(str(self.kernel_log))} 2>&1 < /dev/null"
 
     def _rsh(self, host: str, command: str) -> list[str]:
         """Run the launch command on ``host`` in its kept shell (``ssh.run_short``); its output lines."""

@@ -62,7 +62,7 @@ def test_decorator_runs_on_the_server_warm_and_streams_output(remote, server, ca
 
     pid, text = where(10**6)
     assert text == "1,000,000"
-    assert _parent(pid) == proc.pid  # the server started it, not this process
+    assert _parent(_parent(pid)) == proc.pid  # the server started it (from its template), not this process
     assert "printed in the remote kernel" in capsys.readouterr().out
     assert where(1)[0] == pid  # warm: the same kernel
     [info] = fal_magic.kernels()
@@ -86,7 +86,7 @@ def test_host_per_function_and_local_stays_local(remote, server):
 
         return os.getpid()
 
-    assert _parent(there()) == server[1].pid
+    assert _parent(_parent(there())) == server[1].pid  # forked from the server's template
     local = here()
     assert os.getpid() in (_parent(local), _parent(_parent(local)))  # a child of this host, or of its template
 
@@ -356,7 +356,7 @@ def test_cell_magic_runs_on_the_server(remote, server):
                                  "--pull kernel_pid\nprint('still', humanize.intcomma(7000))")
         assert first.success and second.success, (first.error_in_exec, second.error_in_exec)
         assert out.stdout == "1,048,576\nstill 7,000\n"
-        assert _parent(ip.user_ns["kernel_pid"]) == server[1].pid
+        assert _parent(_parent(ip.user_ns["kernel_pid"])) == server[1].pid
         failed = ip.run_cell(f"%%isolated --host {remote}\n1 / 0")
         assert isinstance(failed.error_in_exec, RemoteError)
         assert type(failed.error_in_exec).__name__ == "ZeroDivisionError"  # named like the remote type
@@ -485,6 +485,23 @@ def test_kernelspecs_carry_the_configured_metadata(remote):
     spec = _api(remote, "/api/kernelspecs")["kernelspecs"][f"fal_magic-{info.key}"]["spec"]
     assert spec["metadata"]["fal_magic_test"] == KERNELSPEC_METADATA["fal_magic_test"]
     assert spec["metadata"]["fal_magic"]["key"] == info.key
+    assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "fal-magic-template-provisioner"
+
+
+def test_the_servers_own_kernels_are_forked_from_a_template_that_holds_none_of_their_variables(remote, server):
+    """As on a notebook's own machine: the server forks an environment's kernels from its template
+    (imports done once), which ends with the server and never holds a kernel's own variables."""
+    @isolated(keep_alive=30)
+    def where():
+        import os
+
+        parent = os.getppid()
+        with open(f"/proc/{parent}/comm") as comm, open(f"/proc/{parent}/environ", "rb") as environ:
+            return open("/proc/self/comm").read().strip(), comm.read().strip(), environ.read(), dict(os.environ)
+
+    name, parent, parent_environ, variables = where()
+    assert (name, parent) == ("fal-kernel", "fal-template")
+    assert variables["FAL_MAGIC_REMOTE"] == "1" and b"FAL_MAGIC_REMOTE=" not in parent_environ
 
 
 def test_the_orphan_culler_spares_a_kernel_whose_host_is_connected(remote):

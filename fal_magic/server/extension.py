@@ -36,7 +36,10 @@ from ..envs.cache import ensure_private_dir
 from ..envs.spec import host_python
 from ..masking import mask_credentials
 from ..errors import FalMagicError
+from ..kernel import forked
+from ..kernel.local import TEMPLATE_PROVISIONER
 from ..kernel.protocol import kernel_argv, kernel_env
+from ..platforms import FORK_BY_DEFAULT
 from . import blobs
 from .cluster import HostGroups, cluster_spec, head_certificates, head_host, loopback_only, slug
 from .ssh import HostUnreachable, close_connections, connection
@@ -67,10 +70,16 @@ class FalMagicServer(LoggingConfigurable):
         help="Merged into the metadata of every kernelspec written here, e.g. a kernel_provisioner "
              "(gateway_provisioners) that starts the kernels in containers.",
     )
+    fork_kernels = Bool(
+        FORK_BY_DEFAULT, config=True,
+        help="Fork this machine's kernels from a template process per environment that has imported "
+             "ipykernel already (a first call then takes less than half the time), unless "
+             "kernelspec_metadata names a kernel_provisioner. Default: True on Linux.",
+    )
     template_keep_alive = Float(
         300.0, min=0.0, config=True,
-        help="Seconds the kernel template of an environment on a cluster host stays after its last kernel "
-             "there ended (it forks that environment's kernels there: a first call skips their imports).",
+        help="Seconds an environment's kernel template (which forks its kernels, here or on a cluster "
+             "host) stays after its last kernel there ended.",
     )
     machine_types = Dict(
         config=True,
@@ -129,9 +138,16 @@ class FalMagicServer(LoggingConfigurable):
         self._write_kernelspec(name, spec, {
             "argv": kernel_argv(str(env.python)),
             "env": {**kernel_env(env.path, "${PATH}"), REMOTE_ENV: "1"},  # ${PATH}: the server's, at start
-            "metadata": self.kernelspec_metadata,
+            "metadata": self._own_metadata(),
         })
         return name, None
+
+    def _own_metadata(self) -> dict[str, Any]:
+        """The metadata of a kernelspec for this machine: the configured one, forking its kernels from
+        templates unless it names a provisioner of its own."""
+        if not self.fork_kernels or "kernel_provisioner" in self.kernelspec_metadata:
+            return dict(self.kernelspec_metadata)
+        return {**self.kernelspec_metadata, "kernel_provisioner": {"provisioner_name": TEMPLATE_PROVISIONER}}
 
     def _prepare_on_host(self, spec: EnvSpec, progress: Callable[[str], None],
                          machine_type: str) -> tuple[str, str | None]:
@@ -182,6 +198,11 @@ class FalMagicServer(LoggingConfigurable):
             "metadata": {**parts["metadata"], "fal_magic": {"key": spec.key, "requirements": shown, **about}},
         }
         _write_if_changed(spec_dir / "kernel.json", json.dumps(kernel_json, indent=1))
+
+    async def cull(self, kernel_manager: Any) -> None:
+        """Shut down orphaned kernels, then stop this machine's templates idle for ``template_keep_alive``."""
+        await self.cull_orphans(kernel_manager)
+        await asyncio.to_thread(forked.retire_idle, self.template_keep_alive)
 
     async def cull_orphans(self, kernel_manager: Any) -> None:
         """Shut down fal_magic kernels that have had no websocket connection for ``orphan_timeout``."""
@@ -394,8 +415,9 @@ def load(serverapp: Any) -> None:
     web_app.add_handlers(".*$", [(route, EnvsHandler)])
     atexit.register(blobs.add_handlers(web_app, ext.blob_quota).close)
     atexit.register(close_connections)
-    culler = PeriodicCallback(lambda: asyncio.ensure_future(ext.cull_orphans(serverapp.kernel_manager)),
-                              1000 * min(5.0, ext.orphan_timeout / 2))
+    atexit.register(forked.stop_all)
+    culler = PeriodicCallback(lambda: asyncio.ensure_future(ext.cull(serverapp.kernel_manager)),
+                              1000 * min(5.0, ext.orphan_timeout / 2, max(ext.template_keep_alive, 0.1)))
     culler.start()
     serverapp.log.info("fal_magic: environments in %s; kernels without a host are shut down after %gs",
                        ext.cache.home, ext.orphan_timeout)

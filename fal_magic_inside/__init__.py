@@ -15,4 +15,5 @@ the host's ``fal_magic``: ``tests/test_layout.py`` holds it to that.
 - ``head``: a cluster host's kernel ends when its server is gone
 - ``runtime``: the comm target and request handler that wire them together; ``install``
 - ``forkserver``: the template process kernels are forked from (run as a script)
+- ``host_template``: a cluster host's kernels forked from a template there (run as a script)
 """

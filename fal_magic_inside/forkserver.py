@@ -31,6 +31,33 @@ from typing import Any
 PRELOAD = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.comm", "ipykernel.debugger",
            "IPython.core.completer", "cloudpickle", "faulthandler", "hmac", "codecs", "termios")
 
+#: Variables read once, when a process starts (by the dynamic loader, the C library's allocator, Python,
+#: the locale and time zone) or when a template imports (debugpy's): kernels that differ in them
+#: cannot share a template, so a template runs with them (and few others), keyed by them.
+STARTUP_PREFIXES = ("PYTHON", "LC_", "LD_", "DYLD_", "MALLOC_", "PYDEVD_", "DEBUGPY_")
+STARTUP_NAMES = ("LANG", "TZ", "GLIBC_TUNABLES")
+
+
+def startup_variables(env: dict[str, str]) -> dict[str, str]:
+    """Those of ``env`` read when a process starts (see ``STARTUP_PREFIXES``)."""
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES) or k in STARTUP_NAMES}
+
+
+def variables_file(env: dict[str, str]) -> int:
+    """A memory file holding ``env`` as JSON, at its start: how a kernel's variables reach the kernel
+    forked for it without the template reading them (the caller closes it)."""
+    fd = os.memfd_create("fal_magic-env", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(json.dumps(env).encode())
+        while data:
+            data = data[os.write(fd, data):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 #: How often the template checks that its host still lives, in seconds.
 HOST_CHECK = 0.2
 

@@ -39,20 +39,28 @@ def end_on_host() -> None:
             pass
 
 
+def reachable(address: str, timeout: float) -> bool:
+    """Whether the server at ``address`` (``host:port``, an IPv6 host in brackets) takes a connection."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _watch_head(address: str, patience: float) -> None:
     """End this kernel once the server that started it has been unreachable for ``patience`` seconds
     (it was killed: nobody else would end the kernel)."""
-    import socket
     import time
 
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")  # an IPv6 address
     lost_since: float | None = None
     while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
+        if reachable(address, timeout=2):
             lost_since = None
-        except OSError:
+        else:
             lost_since = lost_since or time.monotonic()
             if time.monotonic() - lost_since >= patience:
                 print(f"fal_magic: the server at {address} is gone; this kernel ends", file=sys.__stderr__, flush=True)

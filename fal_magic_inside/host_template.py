@@ -37,22 +37,23 @@ if not __package__:  # run as a script, from the copy of this package beside the
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from fal_magic_inside import forkserver  # noqa: E402
-from fal_magic_inside.head import HEAD_ENV, ORPHAN_ENV  # noqa: E402
+from fal_magic_inside.head import HEAD_ENV, ORPHAN_ENV, reachable  # noqa: E402
 
 #: Seconds a host template stays with no kernel (set by the server in the kernelspec's variables).
 KEEP_ALIVE_ENV = "FAL_MAGIC_TEMPLATE_KEEP_ALIVE"
 
-#: The variables a template starts with: those read at a process's start (see kernel/forked.py), and
-#: what it needs itself; a kernel's own (its id, secrets) reach only that kernel.
-TEMPLATE_NAMES = ("PATH", "VIRTUAL_ENV", "HOME", "TMPDIR", "USER", "LANG", "TZ", HEAD_ENV, ORPHAN_ENV, KEEP_ALIVE_ENV)
-STARTUP_PREFIXES = ("PYTHON", "LC_", "LD_", "MALLOC_", "PYDEVD_", "DEBUGPY_")
+#: The variables a template starts with besides those read at a process's start
+#: (``forkserver.STARTUP_PREFIXES``): what it needs itself. A kernel's own (its id, its group's
+#: variables, secrets) reach only that kernel.
+TEMPLATE_NAMES = ("PATH", "VIRTUAL_ENV", "HOME", "TMPDIR", "USER", HEAD_ENV, ORPHAN_ENV, KEEP_ALIVE_ENV)
 
 #: Seconds a client waits for a new template to listen.
 READY_TIMEOUT = 60.0
 
 
 def _template_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in TEMPLATE_NAMES or k.startswith(STARTUP_PREFIXES)}
+    env = dict(os.environ)
+    return {**{k: v for k, v in env.items() if k in TEMPLATE_NAMES}, **forkserver.startup_variables(env)}
 
 
 def socket_path(launcher: str) -> str:
@@ -112,10 +113,8 @@ def _template(path: str, launcher: str) -> socket.socket:
 def fork(launcher: str, args: list[str]) -> int:
     """Have the environment's template fork a kernel running ``LAUNCHER ARGS``; its pid."""
     with _template(socket_path(launcher), launcher) as sock:
-        variables = os.memfd_create("fal_magic-env", os.MFD_CLOEXEC)
+        variables = forkserver.variables_file(dict(os.environ))
         try:
-            os.write(variables, json.dumps(dict(os.environ)).encode())
-            os.lseek(variables, 0, os.SEEK_SET)
             request = json.dumps({"args": args, "cwd": os.getcwd()}).encode()
             socket.send_fds(sock, [request], [0, 1, 2, variables])
         finally:
@@ -250,11 +249,9 @@ class _Server:
             return True
         if self.head and now - self.head_checked >= 1.0:
             self.head_checked = now
-            host, _, port = self.head.rpartition(":")
-            try:
-                socket.create_connection((host.strip("[]"), int(port)), timeout=0.5).close()
+            if reachable(self.head, timeout=0.5):
                 self.head_lost = None
-            except OSError:
+            else:
                 self.head_lost = self.head_lost or now
         return self.head_lost is not None and now - self.head_lost >= self.patience
 

@@ -30,11 +30,7 @@ from ..platforms import after_fork_in_child
 
 log = logging.getLogger("fal_magic")
 
-#: Variables read once, when a process starts (by the dynamic loader, the C library's allocator, Python,
-#: the locale and time zone) or when the template imports (debugpy's): kernels that differ in them
-#: cannot share a template. The template runs with these and the few below, nothing else.
-_STARTUP_PREFIXES = ("PYTHON", "LC_", "LD_", "DYLD_", "MALLOC_", "PYDEVD_", "DEBUGPY_")
-_STARTUP_NAMES = ("LANG", "TZ", "GLIBC_TUNABLES")
+#: What a template runs with besides the start-up variables (``forkserver.STARTUP_PREFIXES``), nothing else.
 _TEMPLATE_NAMES = ("PATH", "VIRTUAL_ENV", "HOME", "TMPDIR", "USER")
 
 #: Seconds a template may take to import what kernels need.
@@ -43,10 +39,6 @@ READY_TIMEOUT = 60.0
 
 class TemplateError(Exception):
     """The template cannot fork this kernel (it died, or refused): the kernel is launched as usual."""
-
-
-def _startup_variables(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(_STARTUP_PREFIXES) or k in _STARTUP_NAMES))
 
 
 def _mtime(path: str) -> int:
@@ -168,12 +160,8 @@ class Template:
         The variables travel in a memory file passed as a fourth descriptor, which only the kernel
         reads: the template never holds them (they may be secrets), so none stays in its memory."""
         request = json.dumps({"op": "fork", "args": args, "cwd": cwd}).encode()
-        variables = os.memfd_create("fal_magic-env", os.MFD_CLOEXEC)
+        variables = forkserver.variables_file(env)
         try:
-            data = memoryview(json.dumps(env).encode())
-            while data:
-                data = data[os.write(variables, data):]
-            os.lseek(variables, 0, os.SEEK_SET)
             with self._lock:
                 if not self.alive:
                     raise TemplateError("the template has ended")
@@ -240,7 +228,7 @@ _templates_lock = threading.Lock()
 
 def template_for(python: str, env: dict[str, str], runtime_dir: Path) -> Template:
     """The live template for kernels on ``python`` with these start-up variables, started if need be."""
-    startup = _startup_variables(env)
+    startup = tuple(sorted(forkserver.startup_variables(env).items()))
     slot = (python, startup)
     with _templates_lock:
         template = _templates.get(slot)

@@ -46,6 +46,8 @@ def from_kernel(kernel: Any, message: dict[str, Any], sink: CallerOutput) -> Non
     data = content.get("data", {})
     copies = [bytes(memoryview(b)) for b in message["buffers"]]
     if kind == "comm_open":
+        if _taken(comm_id):  # a comm of this notebook's kernel (or of another isolated kernel) keeps its id
+            return
         problem = _version_problem(content, metadata)
         if problem is not None:
             sink.stream("stderr", problem + "\n")
@@ -67,13 +69,25 @@ def from_kernel(kernel: Any, message: dict[str, Any], sink: CallerOutput) -> Non
                                                              name="fal_magic-widgets", daemon=True).start())
         return
     with _lock:
-        found = _proxies.get(comm_id) if kind == "comm_msg" else _proxies.pop(comm_id, None)
-    if found is None:
-        return
+        found = _proxies.get(comm_id)
+        if found is None or found.kernel_id != kernel.id:  # only the kernel that opened a comm speaks on it
+            return
+        if kind != "comm_msg":
+            del _proxies[comm_id]
     if kind == "comm_msg":
         found.comm.send(data=data, metadata=metadata, buffers=copies)
     else:
         found.comm.close(data=data)
+
+
+def _taken(comm_id: str) -> bool:
+    """Whether the notebook's kernel already has a comm of this id (its own, or a bridged one)."""
+    with _lock:
+        if comm_id in _proxies:
+            return True
+    from comm import get_comm_manager
+
+    return comm_id in getattr(get_comm_manager(), "comms", {})
 
 
 def _to_kernel(proxy: _Proxy, kind: str, msg: dict[str, Any]) -> None:

@@ -8,20 +8,29 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from fal_magic_inside import sources
+
 from .outputs import CallerOutput, ipython_shell
 
 #: The attribute that tags an exception with the id of the kernel that raised it.
 KERNEL_ATTR = "_fal_magic_kernel"
+#: ... with the files of the code that raised it (function name -> file), whose lines the debugger shows.
+FILES_ATTR = "_fal_magic_files"
+#: ... with the run of a cell in which ``%pdb on`` debugged it (IPython's traceback display or the
+#: cell's end, whichever comes first: one error, one post-mortem).
+DEBUGGED_ATTR = "_fal_magic_debugged_in"
 
 _installed: set[int] = set()
 
 
-def tag(exc: BaseException, kernel_id: str | None) -> None:
-    """Remember which kernel raised ``exc`` (and install the debugger hooks in this IPython shell)."""
+def tag(exc: BaseException, kernel_id: str | None, files: dict[str, str] | None = None) -> None:
+    """Remember which kernel raised ``exc``, from code of which ``files`` (and install the debugger
+    hooks in this IPython shell)."""
     if kernel_id is None:
         return
     try:
         setattr(exc, KERNEL_ATTR, kernel_id)
+        setattr(exc, FILES_ATTR, files or {})
     except AttributeError:  # (an exception type that takes no attributes)
         return
     shell = ipython_shell()
@@ -42,7 +51,19 @@ def post_mortem(exc: BaseException | None) -> bool:
             print("fal_magic: the kernel where this exception was raised is gone (culled or shut down): "
                   "nothing is left to debug")
             return True
-        kernel.post_mortem(CallerOutput(), pool.config.interrupt_grace)
+        kernel.post_mortem(CallerOutput(), pool.config.interrupt_grace,
+                           sources.texts(getattr(exc, FILES_ATTR, None) or {}))
+    return True
+
+
+def _automatic(exc: BaseException | None, cell: int) -> bool:
+    """``%pdb on`` in the ``cell``-th run of a cell: debug ``exc`` once there, however many of IPython's hooks
+    ask (False: not an isolated kernel's exception)."""
+    if getattr(exc, KERNEL_ATTR, None) is None:
+        return False
+    if getattr(exc, DEBUGGED_ATTR, None) != cell:
+        setattr(exc, DEBUGGED_ATTR, cell)
+        post_mortem(exc)
     return True
 
 
@@ -51,16 +72,24 @@ def install(shell: Any) -> None:
     exception came from one; every other exception is debugged as before."""
     _installed.add(id(shell))
     original = shell.debugger
+    runs = [0]  # cells run so far (the execution count stays put for cells run without history)
+
+    def counted(*_: Any) -> None:
+        runs[0] += 1
 
     def debugger(force: bool = False) -> None:
-        if (force or shell.call_pdb) and post_mortem(getattr(sys, "last_value", None)):
+        last = getattr(sys, "last_value", None)
+        if shell.call_pdb and _automatic(last, runs[0]):  # (IPython's traceback display)
+            return
+        if force and post_mortem(last):  # %debug: every time it is asked
             return
         original(force)
 
-    def automatic(result: Any) -> None:  # %pdb on: IPython's own hook does not run for these exceptions
+    def automatic(result: Any) -> None:  # %pdb on, where IPython's display did not ask (a re-raised type)
         error = getattr(result, "error_in_exec", None)
-        if shell.call_pdb and error is not None and getattr(error, KERNEL_ATTR, None) is not None:
-            post_mortem(error)
+        if shell.call_pdb and error is not None:
+            _automatic(error, runs[0])
 
     shell.debugger = debugger
+    shell.events.register("pre_run_cell", counted)
     shell.events.register("post_run_cell", automatic)

@@ -31,7 +31,7 @@ from .platforms import after_fork_in_child
 from .kernel.contract import Frames
 from .kernel.request import Stop, stopping
 from .kernel.by_source import dump_by_source
-from .kernel.wire import code_files, dump_call, load_result, rebuild_exception
+from .kernel.wire import code_files, dump_call, load_result, rebuild_exception, shipped_code
 from .outputs import CallerOutput
 from .progress import StatusLine
 
@@ -220,7 +220,7 @@ class IsolatedFunction:
         """The call's frames: cloudpickle on the host's own Python; on another, the function as source."""
         if self.spec.same_python:
             return dump_call(self.func, args, kwargs, via)
-        return dump_by_source(self.func, args, kwargs, code_files(self.func), via)
+        return dump_by_source(self.func, args, kwargs, shipped_code(self.func), via)
 
     def _run(self, frames: Frames, sink: CallerOutput | None = None, status: StatusLine | None = None) -> Any:
         """One call through the pool; ``sink`` and ``status`` are made in the caller's context (a worker
@@ -238,7 +238,7 @@ class IsolatedFunction:
         try:
             return load_result(reply.content, reply.buffers, self.spec.requirements, self.func)
         except Exception as exc:
-            debugging.tag(exc, reply.kernel_id)  # %debug then opens in that kernel
+            debugging.tag(exc, reply.kernel_id, code_files(self.func))  # %debug then opens there
             raise
 
     def _status(self) -> StatusLine:

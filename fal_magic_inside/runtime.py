@@ -30,7 +30,8 @@ from .frames import describe_exception, dumps, loads, new_buffer, type_name, wit
 from . import head_blobs
 from .head import HEAD_ENV, watch_head
 from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
-from .sources import may_debug, relabel
+from . import sources
+from .sources import relabel
 from .stdin import Asker, asking
 
 COMM_TARGET = "fal_magic"
@@ -61,7 +62,6 @@ class Runtime:
         self.arena: Arena | None = None  # this kernel's segments for large results
         self.held: dict[str, Any] = {}  # the host's segments this kernel still maps (its objects use them)
         self.asker: Asker | None = None  # the running request's line to the host's stdin
-        self.last_files: dict[str, str] = {}  # the files of the last call that raised (for a post-mortem)
 
     def open(self, comm: Any, msg: dict[str, Any]) -> None:
         """A host connected: tell it who we are so it can check versions before any pickle crosses."""
@@ -139,7 +139,6 @@ class Runtime:
                 frames = dumps(describe_exception(without_runtime_frames(exc)))
                 if data.get("op") == "call":  # kept for a post-mortem debugger, as a cell's error is kept
                     sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
-                    self.last_files = self.asker.files if self.asker is not None else {}
             else:
                 try:
                     frames = dumps(result)
@@ -208,13 +207,10 @@ class Runtime:
         for name in ("last_type", "last_value", "last_traceback", "last_exc"):
             if hasattr(sys, name):
                 delattr(sys, name)
-        fn, args, kwargs, files = loads(buffers)
+        fn, args, kwargs, files, texts = loads(buffers)
         user_fn = args[0] if fn is map_chunk else fn
         relabel(user_fn, files)  # tracebacks and debuggers name the real files
-        if self.asker is not None:
-            self.asker.files = files
-            if may_debug(user_fn, files):  # a debugger shows the source from its first stop
-                self.asker.fetch_sources()
+        sources.install(texts)  # (a call that may debug: the lines its debugger shows)
         return fn(*args, **kwargs)
 
     def op_post_mortem(self, data: dict[str, Any], buffers: list[Any]) -> None:
@@ -226,9 +222,7 @@ class Runtime:
             return
         from IPython.core.debugger import Pdb
 
-        if self.asker is not None:
-            self.asker.files = self.last_files
-            self.asker.fetch_sources()
+        sources.install(data.get("sources"))
         debugger: Any = Pdb()
         debugger.reset()
         debugger.interaction(None, tb)

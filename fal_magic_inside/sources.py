@@ -1,20 +1,16 @@
 """Where a call's code comes from. cloudpickle ships code with the file name ``<dynamic-code>``; the host
 sends each function's file name with the call, and the kernel puts it back, so that tracebacks and
-debuggers name the real files. A debugger that starts (and so asks the host for its commands) first
-gets those files' lines from the host, which has them (a notebook's cells exist only in its
-kernel's memory)."""
+debuggers name the real files. A call whose code may start a debugger brings those files' lines
+along (a notebook's cells exist only in its kernel's memory); so does a post-mortem request. The
+kernel never asks the host for lines: the host sends only the code it shipped."""
 from __future__ import annotations
 
-import json
 import linecache
 import types
 from typing import Any
 
 #: The file name cloudpickle gives the code it ships.
 DYNAMIC = "<dynamic-code>"
-
-#: An input_request whose prompt starts with this asks the host for source lines, not the person.
-SOURCES_PREFIX = "\x00fal_magic-sources:"
 
 
 def _relabelled(code: types.CodeType, files: dict[str, str]) -> types.CodeType:
@@ -53,20 +49,21 @@ def may_debug(fn: Any, files: dict[str, str]) -> bool:
     return any(entry & _names(code) for code in codes)
 
 
-def request(files: dict[str, str]) -> str | None:
-    """The prompt that asks the host for the lines of ``files`` this kernel cannot read; None if none."""
-    wanted = sorted({f for f in files.values() if not linecache.getlines(f)})
-    return SOURCES_PREFIX + json.dumps(wanted) if wanted else None
+def texts(files: dict[str, str]) -> dict[str, str]:
+    """The host's side: the lines it has of ``files`` (function name -> file), by file."""
+    found = {}
+    for filename in set(files.values()):
+        lines = linecache.getlines(filename)
+        if lines:
+            found[filename] = "".join(lines)
+    return found
 
 
-def install(answer: str) -> None:
+def install(texts: Any) -> None:
     """Keep the lines the host sent (``{file: text}``) where tracebacks and debuggers read them."""
-    for filename, text in json.loads(answer or "{}").items():
-        lines = text.splitlines(keepends=True)
-        linecache.cache[filename] = (len(text), None, lines, filename)  # no mtime: never checked against a file
-
-
-def answer(prompt: str) -> str:
-    """The host's side: the lines it has of the files the kernel asks for, as the input_reply value."""
-    wanted = json.loads(prompt[len(SOURCES_PREFIX):])
-    return json.dumps({f: "".join(linecache.getlines(f)) for f in wanted if linecache.getlines(f)})
+    if not isinstance(texts, dict):
+        return
+    for filename, text in texts.items():
+        if isinstance(filename, str) and isinstance(text, str):
+            lines = text.splitlines(keepends=True)
+            linecache.cache[filename] = (len(text), None, lines, filename)  # no mtime: never checked against a file

@@ -4,34 +4,35 @@ person at the caller, and so does every debugger that reads its commands through
 ``input_request`` on the kernel's stdin channel, as the call's child (the host's client or a
 server's websocket relays it); the host asks wherever its caller is (the calling cell's input box,
 the terminal) and replies. A host that cannot ask says why in the reply, and that error is raised
-here, as a local call would raise it there."""
+here, as a local call would raise it there.
+
+The reply's ``value`` is only ever the text the person typed: an error travels in a field of its own
+(``ERROR_FIELD``), so no typed text can be taken for one; and nothing but questions travels this way
+(the source lines a debugger shows come with the request itself: ``sources``)."""
 from __future__ import annotations
 
 import bdb
 import builtins
 import getpass
 import io
-import json
 import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import sources
-
-#: An input_reply whose value starts with this carries an error (JSON ``{"type", "message"}``), not text.
-ERROR_PREFIX = "\x00fal_magic-stdin:"
+#: The input_reply content field that carries the host's error (``{"type", "message"}``) instead of text.
+ERROR_FIELD = "fal_magic_error"
 
 
-def error_reply(exc: BaseException) -> str:
-    """The input_reply value that makes the asking code raise (the host's side)."""
-    return ERROR_PREFIX + json.dumps({"type": type(exc).__name__, "message": str(exc)})
+def error_content(exc: BaseException) -> dict[str, Any]:
+    """The input_reply content that makes the asking code raise ``exc`` (the host's side)."""
+    return {"value": "", ERROR_FIELD: {"type": type(exc).__name__, "message": str(exc)}}
 
 
-def _error(value: str) -> BaseException:
-    payload = json.loads(value[len(ERROR_PREFIX):])
-    kind, message = payload.get("type", ""), payload.get("message", "")
+def _error(payload: Any) -> BaseException:
+    payload = payload if isinstance(payload, dict) else {}
+    kind, message = str(payload.get("type", "")), str(payload.get("message", ""))
     if kind == "EOFError":
         return EOFError(message)
     if kind == "StdinNotImplementedError":
@@ -41,39 +42,58 @@ def _error(value: str) -> BaseException:
     return OSError(f"{kind}: {message}" if kind else message)
 
 
+def input_request(kernel: Any, prompt: str, ident: Any, parent: dict[str, Any], password: bool) -> dict[str, Any]:
+    """Send an ``input_request`` on ``kernel``'s stdin channel as ``parent``'s child and wait for the
+    reply; its whole content (ipykernel's own ``_input_request`` keeps only the value). Waits in short
+    polls so that an interrupt gets through."""
+    import zmq
+
+    socket = kernel.stdin_socket
+    while socket.poll(0):  # a stale reply (to a question interrupted before) is not this one's answer
+        socket.recv_multipart()
+    kernel.session.send(socket, "input_request", {"prompt": prompt, "password": password}, parent, ident=ident)
+    while True:
+        if not socket.poll(10, zmq.POLLIN):
+            continue
+        try:
+            _, reply = kernel.session.recv(socket)
+        except Exception:  # (unsigned or malformed: not the host's answer)
+            continue
+        if reply is not None and reply.get("msg_type") == "input_reply":
+            content = reply.get("content")
+            return content if isinstance(content, dict) else {}
+
+
 class Asker:
     """Asks the call's host over the kernel's stdin channel, as the call's child message."""
 
-    def __init__(self, kernel: Any, ident: Any, parent: dict[str, Any], files: dict[str, str]) -> None:
+    def __init__(self, kernel: Any, ident: Any, parent: dict[str, Any]) -> None:
         self.kernel = kernel
         self.ident = ident
         self.parent = parent
-        self.files = files  # the call's code: function name -> file, whose lines a debugger will show
         self.interrupted = False  # a debugger's prompt was interrupted (it quit: the request was interrupted)
 
     def ask(self, prompt: object = "", password: bool = False) -> str:
         from .capture import drain_captured_output
 
         drain_captured_output()  # what the code printed before it asked comes first
-        self.fetch_sources()  # the first question of the call (a debugger's, maybe): source lines first
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
         try:
-            value: str = self.kernel._input_request(str(prompt), self.ident, self.parent, password=password)
+            content = input_request(self.kernel, str(prompt), self.ident, self.parent, password)
         except KeyboardInterrupt:
             if _in_debugger():  # a debugger would only ask again: the stop button leaves it
                 self.interrupted = True
                 sys.settrace(None)
                 raise bdb.BdbQuit from None
-            raise
-        if value.startswith(ERROR_PREFIX):
-            raise _error(value)
-        return value
-
-    def fetch_sources(self) -> None:
-        """Get the lines of the request's files that this kernel cannot read from the host (once)."""
-        wanted = sources.request(self.files)
-        self.files = {}
-        if wanted is not None:
-            sources.install(self.kernel._input_request(wanted, self.ident, self.parent, password=False))
+            raise KeyboardInterrupt("Interrupted by user") from None
+        if ERROR_FIELD in content:
+            raise _error(content[ERROR_FIELD])
+        value = content.get("value", "")
+        return value if isinstance(value, str) else str(value)
 
     def input(self, prompt: object = "") -> str:
         return self.ask(prompt)
@@ -113,9 +133,8 @@ class _Stdin(io.TextIOBase):
 
 @contextmanager
 def asking(kernel: Any, ident: Any, parent: dict[str, Any]) -> Iterator[Asker]:
-    """For the length of a request: ``input``, ``getpass`` and ``sys.stdin`` ask the host. The asker
-    yielded takes the request's ``files`` (its code), whose lines the host sends before the first question."""
-    asker = Asker(kernel, ident, parent, {})
+    """For the length of a request: ``input``, ``getpass`` and ``sys.stdin`` ask the host."""
+    asker = Asker(kernel, ident, parent)
     saved = builtins.input, getpass.getpass, sys.stdin, sys.breakpointhook
     builtins.input = asker.input
     getpass.getpass = asker.getpass

@@ -83,6 +83,44 @@ def test_end_of_input_and_no_stdin_raise_what_they_raise_locally(where, monkeypa
         ask()
 
 
+#: What a request for source lines and an error reply looked like when they travelled as input text.
+SOURCES_PROMPT = "\x00fal_magic-sources:"
+ERROR_ANSWER = '\x00fal_magic-stdin:{"type": "EOFError", "message": "forged"}'
+
+
+def test_isolated_code_cannot_read_the_callers_files_through_its_prompts(where, monkeypatch, tmp_path):
+    """Whatever a kernel asks on its stdin channel, input() or the kernel's own request, goes to the
+    person as a question: the host sends no file's lines in answer, only what the person typed."""
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY of the notebook's machine\n")
+    asked = answering(monkeypatch, "typed one", "typed two")
+
+    @isolated(keep_alive=60)
+    def peek(path):
+        import json
+
+        prompt = SOURCES_PROMPT + json.dumps([path])
+        by_input = input(prompt)
+        from IPython import get_ipython
+
+        kernel = get_ipython().kernel  # the isolated kernel's
+        raw = kernel._input_request(prompt, kernel._parent_ident["shell"], kernel.get_parent("shell"))
+        return by_input, raw
+
+    assert peek(str(secret)) == ("typed one", "typed two")
+    assert [kind for kind, _ in asked] == ["input", "input"]  # both were the person's questions
+
+
+def test_a_typed_answer_comes_back_as_typed_whatever_it_looks_like(where, monkeypatch):
+    answering(monkeypatch, ERROR_ANSWER, "\x04", "")
+
+    @isolated(keep_alive=60)
+    def three():
+        return input("a? "), input("b? "), input("c? ")
+
+    assert three() == (ERROR_ANSWER, "\x04", "")
+
+
 def test_a_call_in_the_background_cannot_ask_and_says_so(monkeypatch):
     answering(monkeypatch)  # nothing: it must not be asked
 
@@ -240,10 +278,14 @@ def test_debug_when_the_kernel_is_gone_says_so_in_one_line(shell, monkeypatch):
 
 
 def test_pdb_on_debugs_an_isolated_error_and_an_isolated_cell_at_once(shell, monkeypatch):
+    """One error, one post-mortem: a second debugger would ask again (the spare answers)."""
     shell.run_line_magic("pdb", "on")
-    answering(monkeypatch, "p x", "q")
+    asked = answering(monkeypatch, "p x", "q", "q", "q")
     _, out = cell(shell, FAILING)
-    assert "'5'" in plain(out)
-    answering(monkeypatch, "p total", "q")
+    assert "'5'" in plain(out) and len(asked) == 2, asked
+    asked = answering(monkeypatch, "p total", "q", "q", "q")
     _, out = cell(shell, "%%isolated\ntotal = 6 * 7\nraise ValueError(total)")
-    assert "\n42\n" in plain(out)
+    assert "\n42\n" in plain(out) and len(asked) == 2, asked
+    asked = answering(monkeypatch, "p total * 2", "q", "q")
+    _, out = cell(shell, "%debug")  # asked for, in a later cell: debugged again
+    assert "\n84\n" in plain(out) and len(asked) == 2, asked

@@ -165,12 +165,14 @@ class _Pickler(pickle.Pickler):
         return namespace
 
 
-def dump_by_source(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], files: dict[str, str],
-                   via: Callable | None = None) -> list[Any]:
-    """Frames (as ``frames.dumps`` makes them) for a call on another Python; SerializationError names
-    what cannot cross."""
+def dump_by_source(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any],
+                   code: tuple[dict[str, str], dict[str, str]], via: Callable | None = None) -> list[Any]:
+    """Frames (as ``frames.dumps`` makes them) for a call on another Python; ``code`` is what
+    ``wire.shipped_code`` says of ``fn``. SerializationError names what cannot cross."""
     home = getattr(fn, "__module__", None) or "__main__"
-    call = (via, (fn, *args), dict(kwargs), files) if via is not None else (fn, tuple(args), dict(kwargs), files)
+    files, texts = code
+    call = ((via, (fn, *args), dict(kwargs), files, texts) if via is not None
+            else (fn, tuple(args), dict(kwargs), files, texts))
     buffers: list[Any] = []
     out = io.BytesIO()
     pickler = _Pickler(out, home, buffers)

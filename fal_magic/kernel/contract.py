@@ -175,10 +175,11 @@ class Kernel(abc.ABC):
         """Set variables in the kernel's namespace from a pickled dict (``%%isolated --push``)."""
         return self._runtime_request("push", frames, sink, grace)
 
-    def post_mortem(self, sink: OutputSink, grace: float) -> Reply:
+    def post_mortem(self, sink: OutputSink, grace: float, texts: dict[str, str]) -> Reply:
         """Debug the last exception of the kernel's last call or cell, in the kernel, with the person
-        at ``sink`` (a debugger session that reads its commands through the stdin bridge)."""
-        return self._runtime_request("post_mortem", [], sink, grace)
+        at ``sink`` (a debugger session that reads its commands through the stdin bridge); ``texts``
+        are the lines of the code that raised, by file, that the debugger shows."""
+        return self._runtime_request("post_mortem", [], sink, grace, sources=texts)
 
     def pull(self, names: list[str], sink: OutputSink, grace: float) -> Reply:
         """Fetch variables from the kernel's namespace (``%%isolated --pull``), pickled as a dict."""
@@ -191,8 +192,9 @@ class Kernel(abc.ABC):
         it until the kernel is idle again: what it prints or sends goes to ``sink``."""
 
     @abc.abstractmethod
-    def answer_input(self, value: str) -> None:
-        """Reply to the running code's ``input_request`` (on the kernel's stdin channel) with ``value``."""
+    def answer_input(self, content: dict[str, Any]) -> None:
+        """Reply to the running code's ``input_request`` (on the kernel's stdin channel) with ``content``
+        (the person's ``value``, or the host's error in a field of its own)."""
 
     @abc.abstractmethod
     def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:

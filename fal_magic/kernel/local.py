@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -27,7 +28,7 @@ from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
 from ..envs import EnvCache, EnvSpec
-from ..errors import KernelDiedError, KernelStartError
+from ..errors import FalMagicError, KernelDiedError, KernelStartError
 from ..outputs import OutputSink
 from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
 from .protocol import (LIVENESS_PERIOD, bootstrap_from, check_hello, comm_open, is_hello, kernel_argv, kernel_env,
@@ -429,7 +430,11 @@ class LocalKernel(Kernel):
         once no object built on any of them is left. Kept: "new" segments (the kernel's arena),
         "ref" ones (ours, an argument come back)."""
         needed: dict[str, int] = {}
+        lent = self.arena.lent if self.arena is not None else {}
         for kind, name, offset, size in placed.values():
+            # the reply is the kernel's word: it may name only its own arena's segments, or ours it had
+            if not (kind == "new" and re.fullmatch(r"k-\d+-\d+", str(name))) and not (kind == "ref" and name in lent):
+                raise FalMagicError(f"the kernel's reply names a shared-memory segment it may not ({name!r})")
             needed[name] = max(needed.get(name, 0), offset + size)
         maps: dict[str, Any] = {}
         for index, (kind, name, offset, size) in placed.items():
@@ -471,8 +476,8 @@ class LocalKernel(Kernel):
         except OSError:
             return False
 
-    def answer_input(self, value: str) -> None:
-        self.kc.input(value)
+    def answer_input(self, content: dict[str, Any]) -> None:
+        self.kc.stdin_channel.send(self.kc.session.msg("input_reply", content))
 
     # -- the transport of the request loop ----------------------------------------------------
 

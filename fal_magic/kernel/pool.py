@@ -39,7 +39,7 @@ from .local import LocalKernel
 from .remote import RemoteKernel, ServerClient, check_url
 from ..progress import log_progress
 from .by_source import HOST_REF, dump_by_source, travelled
-from .wire import code_files, describe_exception, dump_call, dumps, loads
+from .wire import describe_exception, dump_call, dumps, loads, shipped_code
 
 log = logging.getLogger("fal_magic")
 
@@ -349,7 +349,7 @@ class KernelPool:
                     raise FalMagicError(f"isolated calls nested more than {MAX_NESTING} deep (at {name}())")
                 keep_alive = options.get("keep_alive")
                 call = (dump_call(fn, args, kwargs) if spec.same_python
-                        else dump_by_source(fn, args, kwargs, code_files(fn)))
+                        else dump_by_source(fn, args, kwargs, shipped_code(fn)))
                 reply = self.call(spec, call, sink,
                                   keep_alive=self.config.default_keep_alive if keep_alive is None else keep_alive,
                                   max_kernels=options.get("max_kernels", 1),

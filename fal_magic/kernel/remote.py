@@ -475,8 +475,8 @@ class RemoteKernel(Kernel):
         msg_id = self._send("shell", self.session.msg(kind, {"comm_id": comm_id, "data": data}), buffers)
         serve(self, msg_id, sink, grace, "message")
 
-    def answer_input(self, value: str) -> None:
-        self._send("stdin", self.session.msg("input_reply", {"value": value}))
+    def answer_input(self, content: dict[str, Any]) -> None:
+        self._send("stdin", self.session.msg("input_reply", content))
 
     # -- the transport of the request loop ----------------------------------------------------
 

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from fal_magic_inside import sources
-from fal_magic_inside.stdin import error_reply
+from fal_magic_inside.stdin import error_content
 
 from ..errors import KernelDiedError
 from ..outputs import OutputSink
@@ -144,7 +143,8 @@ def serve(kernel: Kernel, msg_id: str, sink: OutputSink, grace: float, route: Re
 def _answer(kernel: Kernel, tracker: RequestTracker, message: Any, nested: NestedHandler | None) -> None:
     """The running code asks for input (``input()``, ``getpass()``, a debugger's prompt): ask the caller,
     after forwarding what the code printed before it asked, and reply with the answer, or with the
-    caller's error (a cell, which ipykernel itself asks for, only knows end of input)."""
+    caller's error (a cell, which ipykernel itself asks for, only knows end of input). Whatever the
+    prompt says, it is a question for the person: the host answers nothing else on this channel."""
     if message["msg_type"] != "input_request" or message["parent_header"].get("msg_id") != tracker.msg_id:
         return
     for _ in range(100):  # what is already on its way: printed before the question
@@ -153,14 +153,11 @@ def _answer(kernel: Kernel, tracker: RequestTracker, message: Any, nested: Neste
             break
         tracker.feed(*event)
     content = message["content"]
-    if content.get("prompt", "").startswith(sources.SOURCES_PREFIX):  # lines for a debugger, not a question
-        kernel.answer_input(sources.answer(content["prompt"]))
-        return
     try:
-        value = tracker.sink.ask(content.get("prompt", ""), bool(content.get("password")))
+        reply = {"value": tracker.sink.ask(str(content.get("prompt", "")), bool(content.get("password")))}
     except Exception as exc:  # (KeyboardInterrupt goes on: serve() interrupts the kernel)
-        value = "\x04" if tracker.route == "shell" else error_reply(exc)
-    kernel.answer_input(value)
+        reply = {"value": "\x04"} if tracker.route == "shell" else error_content(exc)
+    kernel.answer_input(reply)
 
 
 def _check_liveness(kernel: Kernel, tracker: RequestTracker) -> None:

@@ -15,6 +15,7 @@ import weakref
 from typing import Any, Callable, Sequence
 
 import cloudpickle
+from fal_magic_inside import sources
 from fal_magic_inside.frames import FalMagicFailure, add_note, describe_exception, dumps, loads, type_name
 
 from ..errors import FalMagicError, RemoteError, SerializationError
@@ -50,10 +51,10 @@ def dump_call(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], via: Ca
                 pass
         try:
             try:
-                files = _files_of(fn)  # the kernel puts the real file names back (sources.relabel)
+                files, texts = shipped_code(fn)
                 if via is not None:
-                    return dumps((via, (fn, *args), dict(kwargs), files))
-                return dumps((fn, tuple(args), dict(kwargs), files))
+                    return dumps((via, (fn, *args), dict(kwargs), files, texts))
+                return dumps((fn, tuple(args), dict(kwargs), files, texts))
             except Exception as exc:
                 raise SerializationError(_culprit(fn, args, kwargs, exc)) from exc
         finally:
@@ -120,21 +121,23 @@ def _culprit(fn: Callable, args: Sequence[Any], kwargs: dict[str, Any], exc: Exc
     return f"function {name}() cannot be pickled ({type(exc).__name__}: {exc})"
 
 
-_files: weakref.WeakKeyDictionary[Callable, dict[str, str]] = weakref.WeakKeyDictionary()
+_files: weakref.WeakKeyDictionary[Callable, tuple[dict[str, str], bool]] = weakref.WeakKeyDictionary()
 
 
-def _files_of(fn: Callable) -> dict[str, str]:
-    """``code_files(fn)``, once per function."""
+def shipped_code(fn: Callable) -> tuple[dict[str, str], dict[str, str]]:
+    """What a call of ``fn`` carries about its code: function name -> file (the kernel puts the real
+    file names back, ``sources.relabel``), and, when the code may start a debugger, those files'
+    lines (the kernel never asks the host for any). Which files and whether, once per function."""
     try:
-        return _files[fn]
+        files, debug = _files[fn]
     except (KeyError, TypeError):
-        pass
-    found = code_files(fn)
-    try:
-        _files[fn] = found
-    except TypeError:  # not weakly referenceable
-        pass
-    return found
+        files = code_files(fn)
+        debug = sources.may_debug(inspect.unwrap(fn), files)
+        try:
+            _files[fn] = files, debug
+        except TypeError:  # not weakly referenceable
+            pass
+    return files, (sources.texts(files) if debug else {})
 
 
 _DYNAMIC_FRAME = re.compile(r'^(\s*)File "<dynamic-code>", line (\d+), in (\S+)$', re.M)

@@ -18,7 +18,7 @@ from nbclient import NotebookClient
 import fal_magic
 from fal_magic import isolated
 from fal_magic.envs.lockfile import LockFile
-from fal_magic.errors import EnvironmentBuildError
+from fal_magic.errors import EnvironmentBuildError, FalMagicError
 
 from .package_index import serve
 
@@ -132,6 +132,43 @@ def test_an_entry_that_cannot_be_installed_says_which_package_and_how_to_refresh
                            text=True, check=True).stdout
     assert f"    {PACKAGE}==2.0" in shown and PACKAGE in shown.splitlines()[2]
     assert probe() == "2.0"
+
+
+@pytest.fixture
+def elsewhere(tmp_path):
+    """An index the lock's editor would rather have packages come from; it counts what it serves."""
+    yield from serve(tmp_path / "elsewhere", ("1.0", "6.6.6"), PACKAGE, password=False)
+
+
+@pytest.mark.parametrize("tampered", ["option", "option after a pin", "range", "url", "bytes"])
+def test_a_lock_that_holds_anything_but_pins_is_refused_before_anything_is_fetched(
+        notebook_lock, elsewhere, today, tmp_path, tampered):
+    """A lock travels with the notebook: what it says is untrusted input, never an installer's argument."""
+    lock = tmp_path / "shared.isolated.lock"
+    if tampered == "bytes":
+        lock.write_bytes(os.urandom(256) + b"\xff\xfe")
+    else:
+        data = json.loads(notebook_lock[0].read_text())
+        packages = data["environments"][0]["packages"]
+        pin = packages.index(f"{PACKAGE}==1.0")
+        packages[pin] = {
+            "option": f"--extra-index-url={elsewhere.url}",
+            "option after a pin": f"{PACKAGE}==1.0 --index-url {elsewhere.url}",
+            "range": f"{PACKAGE}>=1.0",
+            "url": f"{PACKAGE} @ {elsewhere.url}../files/falmagic_lock_probe-6.6.6-py3-none-any.whl",
+        }[tampered]
+        lock.write_text(json.dumps(data, indent=2))
+    home = tmp_path / "home"
+    fal_magic.configure(home=str(home), lock=str(lock), extra_index_urls=[today.url])
+    probe = isolated(requirements=[PACKAGE], keep_alive=30)(probe_version)
+    with pytest.raises(FalMagicError) as caught:
+        probe()
+    message = str(caught.value)
+    assert str(lock) in message and "Traceback" not in message
+    assert ("not UTF-8 text" in message) if tampered == "bytes" else (
+        "exact pins" in message and PACKAGE in message and "lock refresh" in message)
+    assert elsewhere.served == []  # nothing fetched from where the lock pointed
+    assert not (home / "envs").exists() or not list((home / "envs").iterdir())  # nothing half-built
 
 
 RECORDER = """

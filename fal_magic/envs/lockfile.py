@@ -30,6 +30,12 @@ except ImportError:  # Windows: environments are not built there (see platforms.
     fcntl = None  # type: ignore[assignment]
 
 FORMAT = 1
+#: What a lock's package line may be: an exact pin, with its hashes (a lock travels with a notebook,
+#: so whoever edits it must not get an installer option, a URL or a range through to the installer).
+_PIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?==[A-Za-z0-9][A-Za-z0-9.+!_-]*"
+                  r"(?: --hash=sha(?:256|384|512):[0-9a-f]+)*")
+#: ... or a package from a local path that the entry's own requirements name (``name @ file://...``).
+_LOCAL = re.compile(r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?) @ (?P<url>file://\S+)")
 #: The name the file has beside a notebook: ``analysis.ipynb`` -> ``analysis.isolated.lock``.
 SUFFIX = ".isolated.lock"
 
@@ -103,10 +109,20 @@ class LockFile:
             return list(self._entries.values())
 
     def find(self, identity: tuple[Any, ...]) -> LockEntry | None:
-        """The entry with this identity (see ``identity_of``), if the file has one."""
+        """The entry with this identity (see ``identity_of``), if the file has one; FalMagicError,
+        naming the file and the entry, if it holds anything but exact pins."""
         with self._mutex:
             self._refresh()
-            return self._entries.get(identity)
+            entry = self._entries.get(identity)
+        if entry is not None:
+            for package in entry.packages:
+                if not _allowed(package, entry):
+                    raise FalMagicError(
+                        f"the lock file {self.path} holds {package!r} for the environment of "
+                        f"{', '.join(entry.requirements) or '(no requirements)'}: a lock holds only exact pins "
+                        "(name==version, with hashes); nothing was installed. Rebuild the entry from the "
+                        f"requirements with: python -m fal_magic lock refresh {self.path}")
+        return entry
 
     def record(self, entry: LockEntry) -> None:
         """Add ``entry``, replacing one with the same identity; keep every other entry, also those
@@ -141,19 +157,25 @@ class LockFile:
 
     def _read(self) -> list[LockEntry]:
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise FalMagicError(f"cannot read the lock file {self.path}: {exc.strerror}") from None
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
             if data.get("fal_magic_lock") != FORMAT:
                 raise ValueError(f"format {data.get('fal_magic_lock')!r}, expected {FORMAT}")
-            return [LockEntry.from_json(e) for e in data["environments"]]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise FalMagicError(f"{self.path} is not a fal_magic lock file this version can read ({exc}); "
-                                "move it away, or set FalMagic.lock to another path") from None
+            entries = [LockEntry.from_json(e) for e in data["environments"]]
+            for entry in entries:
+                if not all(isinstance(x, str) for x in (*entry.requirements, *entry.constraints, *entry.packages)):
+                    raise TypeError("an entry holds something other than text")
+            return entries
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (UnicodeDecodeError is a ValueError)
+            reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+            raise FalMagicError(f"{self.path} is not a fal_magic lock file this version can read ({reason}); "
+                                "move it away (the next build records a new one), or set FalMagic.lock to "
+                                "another path") from None
 
     def _write(self, entries: list[LockEntry]) -> None:
         text = json.dumps({"fal_magic_lock": FORMAT, "environments": [e.to_json() for e in entries]},
@@ -176,6 +198,20 @@ class LockFile:
         except OSError as exc:
             raise FalMagicError(f"cannot write the lock file {self.path}: {exc.strerror}") from None
         return _Flock(self.path.parent)
+
+
+def _allowed(package: str, entry: LockEntry) -> bool:
+    """Whether a lock's package line is an exact pin, or a local package its entry's requirements name."""
+    if _PIN.fullmatch(package):
+        return True
+    local = _LOCAL.fullmatch(package)
+    if local is None:
+        return False
+    from urllib.parse import unquote, urlparse
+
+    path = os.path.normpath(unquote(urlparse(local["url"]).path))
+    named = {os.path.normpath(os.path.abspath(r.removeprefix("-e ").strip())) for r in entry.requirements}
+    return path in named
 
 
 class _Flock:

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import mmap
 import os
+import pickle
 import sys
 import traceback
 from typing import Any
@@ -99,9 +100,10 @@ def without_runtime_frames(exc: BaseException) -> BaseException:
     return exc
 
 
-def describe_exception(exc: BaseException) -> dict[str, Any]:
+def describe_exception(exc: BaseException, plain: bool = False) -> dict[str, Any]:
     """Everything the host needs to rebuild ``exc``: its chain, each link pickled where possible,
-    and the traceback text (with chain) as a fallback."""
+    and the traceback text (with chain) as a fallback. ``plain``: for a host on another Python, links
+    are plain pickles (a type defined here then stays a name: the host shows it as a RemoteError)."""
     chain = []
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -115,7 +117,8 @@ def describe_exception(exc: BaseException) -> dict[str, Any]:
         else:
             link, nxt = None, None
         try:
-            pickled: bytes | None = cloudpickle.dumps(current, protocol=PROTOCOL)
+            pickled: bytes | None = (pickle.dumps(current, protocol=PROTOCOL) if plain
+                                     else cloudpickle.dumps(current, protocol=PROTOCOL))
         except Exception:
             pickled = None
         frames = [[f.filename, f.lineno or 0, f.name, f.line or ""]

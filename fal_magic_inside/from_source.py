@@ -5,6 +5,7 @@ line numbers (tracebacks and debuggers then point at the notebook cell it came f
 from __future__ import annotations
 
 import ast
+import linecache
 from typing import Any
 
 #: The name of the function that wraps a ``def`` whose free variables are given as arguments.
@@ -37,6 +38,9 @@ def function_from_source(name: str, qualname: str, module: str, doc: str | None,
     """Compile ``source`` (a ``def`` that starts at line ``first_line`` of ``filename``) into a function
     whose globals are ``namespace``, with the defaults and closure values it had where it came from."""
     node = _definition(source, name)
+    if not linecache.getlines(filename):  # (a notebook's cell): the functions defined in it have a source here
+        lines = ["\n"] * (first_line - 1) + source.splitlines(keepends=True)
+        linecache.cache[filename] = (len(source), None, lines, filename)
     if freevars:  # the def inside a function that takes the free variables: they become its closure
         outer = ast.parse(f"def {CLOSURE}({', '.join(freevars)}):\n    return {name}\n").body[0]
         assert isinstance(outer, ast.FunctionDef)

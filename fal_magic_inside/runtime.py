@@ -33,8 +33,13 @@ from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
 from . import sources
 from .sources import relabel
 from .stdin import Asker, asking
+from .to_source import CannotCross, dumps_to_source
 
 COMM_TARGET = "fal_magic"
+
+
+#: Whether the request running now is for a caller on another Python (``Runtime.run`` sets it).
+_crossing = [False]
 
 
 def map_chunk(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
@@ -47,7 +52,7 @@ def map_chunk(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[tupl
         except Exception as exc:
             if exc.__traceback__ is not None:
                 exc.__traceback__ = exc.__traceback__.tb_next
-            out.append((False, describe_exception(exc)))
+            out.append((False, describe_exception(exc, plain=_crossing[0])))
     return out
 
 
@@ -122,6 +127,7 @@ class Runtime:
         ``stdin`` (the host's identity and the request's message), the code may ask the host for input."""
         reply: dict[str, Any] = {"op": "result", "id": data.get("id")}
         frames: list[Any] = []
+        _crossing[0] = bool(data.get("plain"))
         try:
             try:
                 if begin is not None:
@@ -136,13 +142,18 @@ class Runtime:
                 if isinstance(exc, bdb.BdbQuit) and self.asker is not None and self.asker.interrupted:
                     exc = KeyboardInterrupt("interrupted in the debugger")  # what the stop button meant
                 reply.update(ok=False, kind="exception")
-                frames = dumps(describe_exception(without_runtime_frames(exc)))
+                frames = dumps(describe_exception(without_runtime_frames(exc), plain=bool(data.get("plain"))))
                 if data.get("op") == "call":  # kept for a post-mortem debugger, as a cell's error is kept
                     sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
             else:
                 try:
-                    frames = dumps(result)
+                    frames = dumps_to_source(result) if data.get("plain") else dumps(result)
                     reply.update(ok=True, type=type_name(result))
+                except CannotCross as exc:
+                    reply.update(ok=False, kind="serialization",
+                                 message=f"the result, of type {type_name(result)}, cannot cross to the caller's "
+                                         f"Python from Python {sys.version_info[0]}.{sys.version_info[1]}: {exc}")
+                    frames = []
                 except BaseException as exc:
                     reply.update(ok=False, kind="serialization",
                                  message=f"the result, of type {type_name(result)}, cannot be pickled: "
@@ -151,7 +162,7 @@ class Runtime:
                 del result
         except BaseException as exc:  # e.g. an interrupt that lands between the steps above
             reply.update(ok=False, kind="exception")
-            frames = dumps(describe_exception(exc))
+            frames = dumps(describe_exception(exc, plain=bool(data.get("plain"))))
         finally:
             drain_captured_output()
             for stream in (sys.stdout, sys.stderr):
@@ -191,7 +202,8 @@ class Runtime:
         # did not run the call, which may then run elsewhere.
         saved = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            reply, out = self.run({"op": "call", "id": header["id"]}, frames, lambda: fast.begun(header["msg_id"]),
+            request = {"op": "call", "id": header["id"], "plain": header.get("plain")}
+            reply, out = self.run(request, frames, lambda: fast.begun(header["msg_id"]),
                                   stdin=([header["session"].encode()], parent))
         finally:
             signal.signal(signal.SIGINT, saved)

@@ -67,6 +67,23 @@ CELLS = [
     print("nested:", asks_back())
     """,
     """\
+    @isolated(python_version=PYVER, keep_alive=60)
+    def adder(k):
+        def add(x):
+            return helper(x) + k
+        return add
+
+    @isolated(python_version=PYVER, keep_alive=60)
+    def scaler(k):
+        return lambda x: x * k
+
+    print("closure:", adder(1)(4))
+    try:
+        scaler(2)
+    except fal_magic.SerializationError as exc:
+        print("lambda:", exc)
+    """,
+    """\
     class Point:
         pass
 
@@ -124,8 +141,18 @@ def test_an_isolated_function_called_from_another_python_runs_on_its_own(noteboo
 
 def test_an_object_of_a_class_defined_in_the_notebook_is_refused_by_name(notebook):
     _, printed = notebook
-    assert printed[5].startswith("refused: argument 'n' of where(), of type __main__.Point: an object of class "
+    assert printed[6].startswith("refused: argument 'n' of where(), of type __main__.Point: an object of class "
                                  "Point, which is defined in the notebook, cannot travel to another Python")
+
+
+def test_a_function_returned_from_another_python_works_here_and_a_lambda_is_refused_by_name(notebook):
+    """Its bytecode is of the other Python: a closure comes back as its source (with its closure and
+    the globals it uses), a lambda, which has none of its own, as a SerializationError saying why."""
+    version, printed = notebook
+    closure, refused = printed[5].splitlines()
+    assert closure == "closure: 13"  # helper(4) == 12, + 1
+    assert refused.startswith(f"lambda: the result, of type function, cannot cross to the caller's Python from "
+                              f"Python {version}: a lambda (scaler.<locals>.<lambda>) has no source")
 
 
 def test_a_python_that_is_not_there_or_not_supported_is_a_clear_error():

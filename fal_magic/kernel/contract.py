@@ -128,6 +128,9 @@ class Kernel(abc.ABC):
         self.kill_reason: str | None = None
         self.comm_id = uuid.uuid4().hex
         self.env_tag = ""  # a keyed digest of its environment variables (set by the pool; never the values)
+        #: On another Python than the caller's: results and exceptions come back as plain pickles,
+        #: functions as their source (bytecode does not cross versions). Set by the pool.
+        self.plain = False
         #: Called once the pool lets go of the kernel (culled, shut down, died): its widgets close.
         self.on_forget: list[Callable[[], None]] = []
 
@@ -169,7 +172,7 @@ class Kernel(abc.ABC):
         """Run a pickled call (frames from ``wire.dump_call``); the runtime's reply with its frames.
         ``nested`` serves the isolated calls the function makes while it runs (None: refused)."""
         self.calls += 1
-        return self._runtime_request("call", frames, sink, grace, nested)
+        return self._runtime_request("call", frames, sink, grace, nested, **self._crossing())
 
     def push(self, frames: Frames, sink: OutputSink, grace: float) -> Reply:
         """Set variables in the kernel's namespace from a pickled dict (``%%isolated --push``)."""
@@ -183,7 +186,11 @@ class Kernel(abc.ABC):
 
     def pull(self, names: list[str], sink: OutputSink, grace: float) -> Reply:
         """Fetch variables from the kernel's namespace (``%%isolated --pull``), pickled as a dict."""
-        return self._runtime_request("pull", [], sink, grace, names=names)
+        return self._runtime_request("pull", [], sink, grace, names=names, **self._crossing())
+
+    def _crossing(self) -> dict[str, Any]:
+        """The request field that asks for results another Python can read, when it is one."""
+        return {"plain": True} if self.plain else {}
 
     @abc.abstractmethod
     def comm_message(self, kind: str, comm_id: str, data: dict[str, Any], buffers: list[Any], sink: OutputSink,

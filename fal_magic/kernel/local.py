@@ -407,7 +407,7 @@ class LocalKernel(Kernel):
                             frames[index] = b""
             msg_id = uuid.uuid4().hex
             header = json.dumps({"msg_id": msg_id, "id": msg_counter(), "session": self.kc.session.session,
-                                 "shm": sent, "free": free}).encode()
+                                 "shm": sent, "free": free, **self._crossing()}).encode()
             self.fast.send_multipart([sign(self.kc.session.key, header), header, *frames], copy=False)
             reply = serve(self, msg_id, sink, grace, "outside", nested)
             placed = reply.content.pop("shm", None) or {}

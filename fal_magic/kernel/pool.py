@@ -208,6 +208,7 @@ class KernelPool:
                     if len(kernels) < max_kernels:
                         kernel = self._new_kernel(spec, url, variables)
                         kernel.machine_type, kernel.env_tag = machine_type, tag
+                        kernel.plain = not spec.same_python  # its results cross to this Python as source
                         kernels.append(kernel)
                         break
                     self._cond.wait()

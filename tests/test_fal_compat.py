@@ -204,6 +204,34 @@ def test_a_cycle_of_nested_calls_is_a_clear_error_not_a_hang():
         recurse(0)
 
 
+@isolated(keep_alive=30, max_kernels=2)
+def same_key_inner():
+    import os
+
+    return os.getpid()
+
+
+@isolated(keep_alive=30, env={"WHO": "other"})
+def other_env_inner():
+    import os
+
+    return os.getpid()
+
+
+@isolated(keep_alive=30, max_kernels=2)
+def same_key_outer():
+    import os
+
+    return os.getpid(), same_key_inner(), other_env_inner()
+
+
+def test_a_nested_call_of_the_same_requirements_runs_on_another_kernel_when_there_is_room():
+    """Not a cycle: the inner call may use a kernel the outer one does not hold (max_kernels=2), and
+    one with other environment variables is another kernel altogether."""
+    outer, inner, other = same_key_outer()
+    assert len({outer, inner, other}) == 3
+
+
 @isolated(keep_alive=30)
 def ping(n):
     return pong(n)

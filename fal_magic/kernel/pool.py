@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 from ..config import FalMagic, settings
 from ..envs import EnvCache, EnvSpec, spec_for
@@ -165,10 +165,11 @@ class KernelPool:
 
     def acquire(self, spec: EnvSpec, max_kernels: int = 1, progress: Progress = log_progress,
                 machine_type: str | None = None, host: str | None = None, *,
-                env: Mapping[str, str] | None = None) -> Kernel:
+                env: Mapping[str, str] | None = None, waiting: Collection[str] = ()) -> Kernel:
         """Lease an idle kernel of ``spec``'s key (on ``host``, see ``host_url``) whose environment
         variables are ``env`` (over ``FalMagic.kernel_env``), starting one if all are busy and there
-        is room."""
+        is room. ``waiting``: the ids of kernels whose calls wait for this lease (a nested call's
+        outer calls); when every kernel it could use is one of them, waiting would never end."""
         if max_kernels < 1:
             raise FalMagicError(f"max_kernels must be at least 1, not {max_kernels}")
         url = self.host_url(host)
@@ -205,6 +206,11 @@ class KernelPool:
                         k.state = "busy"
                         return k
                 else:
+                    if len(kernels) >= max_kernels and all(k.id in waiting for k in kernels):
+                        raise FalMagicError(
+                            f"a nested isolated call would wait for environment {spec.key}, whose every kernel "
+                            f"(max_kernels={max_kernels}) is busy with a call that waits for it (a cycle); "
+                            "a larger max_kernels lets it start another")
                     if len(kernels) < max_kernels:
                         kernel = self._new_kernel(spec, url, variables)
                         kernel.machine_type, kernel.env_tag = machine_type, tag
@@ -277,9 +283,9 @@ class KernelPool:
     @contextmanager
     def lease(self, spec: EnvSpec, keep_alive: float, max_kernels: int = 1, progress: Progress = log_progress,
               machine_type: str | None = None, host: str | None = None, *,
-              env: Mapping[str, str] | None = None) -> Iterator[Kernel]:
+              env: Mapping[str, str] | None = None, waiting: Collection[str] = ()) -> Iterator[Kernel]:
         """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
-        kernel = self.acquire(spec, max_kernels, progress, machine_type, host, env=env)
+        kernel = self.acquire(spec, max_kernels, progress, machine_type, host, env=env, waiting=waiting)
         try:
             yield kernel
         finally:
@@ -294,13 +300,12 @@ class KernelPool:
 
         A kernel found dead before it began the call (it crashed while idle) is replaced once.
         Isolated functions that the call itself calls are run by this host, each in its own
-        environment (``chain`` holds the keys of the calls it is nested in).
+        environment (``chain`` holds the ids of the kernels whose calls it is nested in).
         """
-        nested = self._nested_calls((*chain, spec.key))
-
         def once() -> Reply:
-            with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host, env=env) as kernel:
-                reply = kernel.call(frames, sink, self.config.interrupt_grace, nested)
+            with self.lease(spec, keep_alive, max_kernels, progress, machine_type, host, env=env,
+                            waiting=chain) as kernel:
+                reply = kernel.call(frames, sink, self.config.interrupt_grace, self._nested_calls((*chain, kernel.id)))
                 reply.kernel_id = kernel.id
                 return reply
 
@@ -342,10 +347,6 @@ class KernelPool:
                 spec = spec_for(options.get("requirements", ()), options.get("indexes"), options.get("constraints", ()),
                                 options.get("python_version"))
                 name = getattr(fn, "__qualname__", "?")
-                if spec.key in chain:
-                    raise FalMagicError(
-                        f"nested isolated call of {name}() would wait for environment {spec.key}, which is "
-                        "busy with a call that is waiting for it (a cycle)")
                 if len(chain) >= MAX_NESTING:
                     raise FalMagicError(f"isolated calls nested more than {MAX_NESTING} deep (at {name}())")
                 keep_alive = options.get("keep_alive")

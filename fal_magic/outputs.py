@@ -164,9 +164,10 @@ class CellOutput(CallerOutput):
 
 
 class RemoteValue:
-    """The value of an isolated cell's last expression, as the kernel represented it: shown by the
-    calling notebook as its cell's ``Out[n]`` (every representation the kernel sent), and kept in
-    ``_`` and ``Out``. The object itself stays in the isolated kernel (``--pull`` fetches it)."""
+    """The value of an isolated cell's last expression, or a widget an isolated function returned, as
+    the kernel represented it: shown by the calling notebook as its cell's ``Out[n]`` (every
+    representation the kernel sent; a widget's view is live through the comm bridge), and kept in
+    ``_`` and ``Out``. The object itself stays in the isolated kernel (``--pull`` fetches a cell's)."""
 
     def __init__(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         self.data = data

@@ -56,6 +56,16 @@ def map_chunk(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[tupl
     return out
 
 
+def widget_view(obj: Any) -> dict[str, Any] | None:
+    """The display bundle of a widget (an ipywidgets view: the caller shows it, live, as a local
+    widget is shown), else None. A widget cannot be pickled, and need not be: its model lives here."""
+    widgets = sys.modules.get("ipywidgets")
+    if widgets is None or not isinstance(obj, widgets.Widget):
+        return None
+    bundle = obj._repr_mimebundle_()
+    return bundle if isinstance(bundle, dict) else None
+
+
 class Runtime:
     """Serves the requests of one kernel's host."""
 
@@ -146,9 +156,13 @@ class Runtime:
                 if data.get("op") == "call":  # kept for a post-mortem debugger, as a cell's error is kept
                     sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
             else:
+                view = widget_view(result)
                 try:
-                    frames = dumps_to_source(result) if data.get("plain") else dumps(result)
-                    reply.update(ok=True, type=type_name(result))
+                    if view is not None:  # the widget stays here; its view goes (its comm is bridged)
+                        reply.update(ok=True, type=type_name(result), view=view)
+                    else:
+                        frames = dumps_to_source(result) if data.get("plain") else dumps(result)
+                        reply.update(ok=True, type=type_name(result))
                 except CannotCross as exc:
                     reply.update(ok=False, kind="serialization",
                                  message=f"the result, of type {type_name(result)}, cannot cross to the caller's "

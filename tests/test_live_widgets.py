@@ -132,6 +132,25 @@ def test_a_widget_as_an_isolated_cells_value_is_its_out(frontend):
     assert view["model_id"] == opened["content"]["comm_id"]  # Out[n] is the live widget
 
 
+def test_a_widget_an_isolated_function_returns_is_its_cells_live_out(frontend):
+    """As a local function's widget would: the cell's Out[n] is the widget, and moving it runs its
+    callback in the isolated kernel, where the widget stays."""
+    cell_id = frontend.run(
+        "from fal_magic import isolated\n\n@isolated(keep_alive=120, requirements=['ipywidgets'])\n"
+        "def make():\n    import ipywidgets\n\n    s = ipywidgets.IntSlider(value=4)\n"
+        "    s.observe(lambda change: print('returned slider at', change['new']), names='value')\n"
+        "    return s\n\nmake()")
+    opened = frontend.wait_for(lambda m: m["msg_type"] == "comm_open"
+                               and m["content"]["data"]["state"].get("_model_name") == "IntSliderModel")
+    result = frontend.wait_for(lambda m: m["msg_type"] == "execute_result" and m["parent_header"]["msg_id"] == cell_id)
+    model_id = opened["content"]["comm_id"]
+    assert result["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] == model_id
+    frontend.send("comm_msg", {"comm_id": model_id, "data": {"method": "update", "state": {"value": 5},
+                                                             "buffer_paths": []}})
+    said = frontend.wait_for(is_stream("returned slider at 5"))
+    assert said["parent_header"]["msg_id"] == cell_id
+
+
 def test_binary_buffers_cross_whole_both_ways(frontend):
     picture = bytes(range(256)) * 64  # 16 KiB, not valid PNG: the widget only carries it
     cell_id = frontend.run(

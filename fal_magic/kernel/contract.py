@@ -63,6 +63,7 @@ class RuntimeReply(TypedDict, total=False):
     kind: Literal["exception", "serialization"]  # what went wrong, when not ok
     message: str  # for a serialization failure
     shm: dict[str, list[Any]]  # local fast channel: result buffers placed in shared memory
+    view: dict[str, Any]  # a widget returned: its display bundle (the widget stays in the kernel)
 
 
 class ChainLink(TypedDict):

@@ -19,6 +19,7 @@ from fal_magic_inside import sources
 from fal_magic_inside.frames import FalMagicFailure, add_note, describe_exception, dumps, loads, type_name
 
 from ..errors import FalMagicError, RemoteError, SerializationError
+from ..outputs import RemoteValue
 from .tracebacks import attach, render_chain
 
 __all__ = ["dump_call", "dump_values", "load_result", "rebuild_exception", "describe_exception", "dumps", "loads"]
@@ -190,6 +191,8 @@ def load_result(reply: dict, frames: list, requirements: Sequence[str] = (), fn:
     """
     __tracebackhide__ = True  # IPython hides this frame: the remote traceback is what matters
     if reply.get("ok"):
+        if reply.get("view") is not None:  # a widget: its model stays in the kernel, live through the bridge
+            return RemoteValue(reply["view"])
         try:
             return loads(frames)
         except Exception as exc:

@@ -271,8 +271,11 @@ class IsolatedFunction:
             chunksize = max(1, -(-len(items) // (4 * self.max_kernels)))
         if not isinstance(chunksize, int) or chunksize < 1:
             raise FalMagicError(f"chunksize must be an integer >= 1, not {chunksize!r}")
-        started = [self._start(self._dump([items[start:start + chunksize]], {}, via=map_chunk))
-                   for start in range(0, len(items), chunksize)]
+        chunks = [self._dump([items[start:start + chunksize]], {}, via=map_chunk)
+                  for start in range(0, len(items), chunksize)]
+        if len(chunks) > 1:  # every kernel the map will use starts at once, not as the first ones happen to be busy
+            self._hold(min(self.max_kernels, len(chunks))).result()
+        started = [self._start(chunk) for chunk in chunks]
         grace = settings().interrupt_grace
 
         def results() -> Iterator[Any]:
@@ -293,14 +296,18 @@ class IsolatedFunction:
 
     def warmup(self) -> concurrent.futures.Future[Any]:
         """Start the key's kernel(s) in the background, all at once, so that a later first call is fast."""
+        return self._hold(self.max_kernels)
+
+    def _hold(self, count: int) -> concurrent.futures.Future[Any]:
+        """In the background: lease ``count`` kernels of the key at once (starting those missing, together),
+        then give them back warm."""
         pool = get_pool()
-        count = self.max_kernels
         all_held = threading.Barrier(count)  # each kernel is held until every one is: the next acquire starts another
         errors: list[BaseException] = []
 
         def hold() -> None:
             try:
-                kernel = pool.acquire(self.spec, count, machine_type=self._options["machine_type"],
+                kernel = pool.acquire(self.spec, self.max_kernels, machine_type=self._options["machine_type"],
                                       host=self._options["host"], env=self._options["env"])
             except BaseException as exc:
                 errors.append(exc)

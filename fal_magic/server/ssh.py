@@ -72,11 +72,11 @@ def close_connections() -> None:
 
 def ssh_client(host: str) -> Any:
     """An SSH connection to ``host`` as gateway_provisioners makes it: the user's key, known hosts
-    only (``GP_REMOTE_USER`` names another user)."""
+    only (``GP_REMOTE_USER`` names another user), on port ``GP_SSH_PORT`` (read now, where
+    gateway_provisioners reads it once at import)."""
     import paramiko
 
-    from gateway_provisioners.config_mixin import ssh_port
-
+    ssh_port = int(os.environ.get("GP_SSH_PORT") or 22)
     client = paramiko.SSHClient()
     client.load_system_host_keys()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())

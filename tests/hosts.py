@@ -72,8 +72,9 @@ class Hosts:
         self.procs: list[subprocess.Popen] = []
         for ip in HOSTS:
             config = root / f"sshd-{ip}.conf"
-            config.write_text(f"ListenAddress {ip}:{self.port}\nHostKey {root / 'host_key'}\nPermitRootLogin prohibit-password\n"
-                              f"PasswordAuthentication no\nUsePAM no\nStrictModes no\n"
+            config.write_text(f"ListenAddress {ip}:{self.port}\nHostKey {root / 'host_key'}\n"
+                              "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                              "UsePAM no\nStrictModes no\n"
                               f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile none\n{_set_env()}")
             script = (f"mount -t tmpfs tmpfs {cache} && mount -t tmpfs tmpfs {marker_dir} && "
                       f"echo {ip} > {marker_dir}/host && exec {SSHD} -D -e -f {config}")
@@ -97,7 +98,8 @@ class Hosts:
 
     def run(self, ip: str, command: str) -> str:
         """Run a shell command on a host (in its namespace); its output."""
-        return subprocess.run(["ssh", "-p", str(self.port), "-o", "BatchMode=yes", "-i", str(self.home / ".ssh" / "id_ed25519"),
+        return subprocess.run(["ssh", "-p", str(self.port), "-o", "BatchMode=yes",
+                               "-i", str(self.home / ".ssh" / "id_ed25519"),
                                "-o", f"UserKnownHostsFile={self.home / '.ssh' / 'known_hosts'}", ip, command],
                               capture_output=True, text=True, timeout=30).stdout
 

@@ -147,10 +147,60 @@ def start_server(home: Path) -> tuple[str, Any]:
     return url, proc
 
 
+#: The README's tour, as a newcomer's script runs it: one cold call, then warm ones (printed as JSON).
+TOUR = """
+import json, statistics, time
+from fal_magic import isolated
+
+@isolated(keep_alive=300, requirements=["humanize==4.16.0"])
+def nice(n):
+    import humanize
+    return humanize.intcomma(n)
+
+t = time.perf_counter()
+nice(10**6)
+cold = time.perf_counter() - t
+warm = []
+for _ in range(200):
+    t = time.perf_counter()
+    nice(10**9)
+    warm.append(time.perf_counter() - t)
+print(json.dumps({"cold": cold, "warm": statistics.median(warm)}))
+"""
+
+
+def tour_rows(runs: int) -> None:
+    """The README's figures: the tour's first call on a new machine (empty fal_magic and uv caches:
+    the packages are downloaded), the same with uv's cache warm, and its warm calls."""
+    import json
+    import subprocess
+
+    def run_tour(uv_cache: str) -> dict[str, float]:
+        env = {**os.environ, "FAL_MAGIC_HOME": tempfile.mkdtemp(prefix="fal_bench_tour_"), "UV_CACHE_DIR": uv_cache}
+        out = subprocess.run([sys.executable, "-c", TOUR], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    fresh, cached = [], []
+    for _ in range(runs):
+        uv_cache = tempfile.mkdtemp(prefix="fal_bench_uv_")
+        fresh.append(run_tour(uv_cache))  # nothing cached: what a newcomer's first run costs
+        cached.append(run_tour(uv_cache))  # the packages in uv's cache, a new fal_magic cache
+    row("tour: first call, new machine (empty caches, downloads)", ms(statistics.median(r["cold"] for r in fresh)),
+        f"median of {runs}; a new process builds the env (humanize) and starts its kernel")
+    row("tour: first call, uv's cache warm, new fal_magic cache", ms(statistics.median(r["cold"] for r in cached)),
+        f"median of {runs}")
+    row("tour: warm call", ms(statistics.median(r["warm"] for r in fresh + cached)),
+        "median of 200 calls per run, nice(10**9) in the tour's process")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 200 MiB payload")
+    parser.add_argument("--tour", action="store_true", help="only the README tour's figures")
     opts = parser.parse_args()
+    if opts.tour:
+        tour_rows(3)
+        return
     reps = 50 if opts.quick else 300
     home = Path(os.environ.get("FAL_MAGIC_HOME") or tempfile.mkdtemp(prefix="fal_bench_"))
     os.environ["FAL_MAGIC_HOME"] = str(home)
@@ -280,6 +330,9 @@ def main() -> None:
         "one run: resolve (uv pip compile), record, then build from the record")
     fal_magic.configure(home=str(home), lock=None)
     get_pool().shutdown()
+
+    print("\nthe README's tour, in a new process")
+    tour_rows(2 if opts.quick else 3)
 
     # -- warm round trips ----------------------------------------------------------------------
     print("\nwarm no-op round trip")

@@ -4,6 +4,7 @@ there. A segment or blob is a file in an owner-only directory; the reader maps i
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 #: Buffers from this size on cross between host and kernel as files in a shared-memory directory
@@ -114,6 +115,9 @@ def unmapped(mappings: dict[str, Any]) -> list[str]:
 
 #: From this size on, a remote call's frames travel beside the websocket, as blobs on the server.
 BLOB_MIN = 1 << 20
+#: Names of blobs: made by a server (``u-``) or by a kernel for its results (``r-``); nothing else
+#: is a blob (a name from a kernel's reply is checked against it before the host asks for it).
+BLOB_NAME = re.compile(r"^[ur]-[0-9a-f]+(-[0-9]+)*$")
 
 
 def blob_put(directory: str, buffer: Any) -> list[Any] | None:

@@ -187,3 +187,17 @@ def test_a_slider_of_a_remote_kernel_is_live_too(remote, frontend):  # (the serv
                                                              "buffer_paths": []}})
     said = frontend.wait_for(is_stream("moved to 9"))  # the callback ran in the server's kernel
     assert said["parent_header"]["msg_id"] == cell_id
+
+
+def test_an_isolated_kernel_cannot_take_over_a_comm_of_the_notebook(frontend):
+    """A comm id is the notebook's once it is open there: an isolated kernel that opens a comm of the
+    same id (to receive what the frontend sends the notebook's own widget) gets no bridge for it."""
+    frontend.run("from comm import create_comm, get_comm_manager\nmine = create_comm(target_name='notebook.own')\n"
+                 "got = []\nmine.on_msg(got.append)")
+    frontend.run(
+        "from fal_magic import isolated\n\n@isolated(keep_alive=120)\n"
+        "def hijack(comm_id):\n    from comm import create_comm\n\n"
+        "    create_comm(comm_id=comm_id, target_name='notebook.own', data={})\n\n"
+        "hijack(mine.comm_id)\n"
+        "print('still ours:', get_comm_manager().comms[mine.comm_id] is mine)")
+    frontend.wait_for(is_stream("still ours: True"), timeout=0)

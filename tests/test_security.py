@@ -140,3 +140,32 @@ def test_a_cache_home_owned_by_another_user_is_refused(tmp_path):
     os.chown(home, 12345, 12345)
     with pytest.raises(FalMagicError, match="belongs to uid 12345"):
         EnvCache(home).get(make_spec([]))
+
+
+def test_a_kernels_reply_may_not_name_a_file_of_the_host_for_it_to_map(tmp_path):
+    """Large results come back as shared-memory segments the reply names: a name the kernel chose
+    outside its own arena (here a path to a file of the host's) is refused, never mapped."""
+    target = tmp_path / "notes.txt"
+    target.write_bytes(b"the host's own file\n" * 1000)
+
+    @isolated(keep_alive=60, requirements=["numpy"])
+    def forge(path):
+        import sys
+
+        import numpy as np
+
+        runtime = sys.modules["fal_magic_inside.runtime"]
+        real = runtime.results_to_shm
+
+        def lying(arena, held, out, segments):
+            placed, free = real(arena, held, out, segments)
+            for index in placed:
+                placed[index][1] = "../" * 8 + path.lstrip("/")
+            return placed, free
+
+        runtime.results_to_shm = lying
+        return np.zeros(16 << 20, dtype=np.uint8)  # large: it goes through shared memory
+
+    with pytest.raises(FalMagicError, match="names a shared-memory segment it may not"):
+        forge(str(target))
+    assert target.read_bytes() == b"the host's own file\n" * 1000

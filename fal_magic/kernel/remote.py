@@ -25,7 +25,7 @@ from typing import Any, cast
 import websocket
 from fal_magic_inside import head_blobs
 from fal_magic_inside.frames import new_buffer
-from fal_magic_inside.shm import BLOB_MIN
+from fal_magic_inside.shm import BLOB_MIN, BLOB_NAME
 from jupyter_client.session import Session
 
 from ..envs import EnvSpec
@@ -199,6 +199,8 @@ class ServerClient:
     def download(self, name: str, size: int) -> memoryview:
         """Fetch (and so remove) a kernel's result blob from the server, into a buffer of huge pages
         where the system gives them (see ``new_buffer``)."""
+        if not isinstance(name, str) or not BLOB_NAME.match(name):  # the kernel's word: no other URL is asked for
+            raise FalMagicError(f"the kernel's reply names a result blob that cannot be one ({name!r})")
         view = new_buffer(size)
         with self.request("GET", f"/fal_magic/api/blobs/{name}", timeout=BLOB_TIMEOUT) as resp:
             got = 0

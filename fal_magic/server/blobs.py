@@ -13,7 +13,6 @@ import copy
 import hmac
 import json
 import os
-import re
 import shutil
 import socket
 import ssl
@@ -28,11 +27,12 @@ from jupyter_server.utils import url_path_join
 from tornado import iostream, web
 
 from fal_magic_inside.head_blobs import KERNEL_HEADER, SIGNATURE_HEADER, TIME_HEADER, signature
+from fal_magic_inside.shm import BLOB_NAME
 
 from ..leftovers import remove_orphaned
 
 #: Names of blobs: made by this server (``u-``) or by a kernel for its results (``r-``).
-NAME = re.compile(r"^[ur]-[0-9a-f]+(-[0-9]+)*$")
+NAME = BLOB_NAME
 
 #: Blob directories are named ``fal_magic-blobs-<pid>-...``, after their server's process.
 PREFIX = "fal_magic-blobs-"

@@ -53,36 +53,6 @@ class Hello(TypedDict):
     fast: bool
 
 
-class RuntimeReply(TypedDict, total=False):
-    """The runtime's answer to one request; the value or the exception travels in the frames."""
-
-    op: Literal["result"]
-    id: int
-    ok: bool
-    type: str  # the result's type name, when ok
-    kind: Literal["exception", "serialization"]  # what went wrong, when not ok
-    message: str  # for a serialization failure
-    shm: dict[str, list[Any]]  # local fast channel: result buffers placed in shared memory
-    view: dict[str, Any]  # a widget returned: its display bundle (the widget stays in the kernel)
-
-
-class ChainLink(TypedDict):
-    """One exception of a remote chain: its type and message, pickled where possible."""
-
-    type: str
-    message: str
-    pickled: bytes | None
-    link: Literal["cause", "context"] | None
-    frames: list[list[Any]]  # [file, line, function, source line] per frame, outermost first
-
-
-class ExceptionRecord(TypedDict):
-    """A remote exception described: its chain, outermost first, and the traceback text."""
-
-    chain: list[ChainLink]
-    traceback: str
-
-
 class NotStartedError(KernelDiedError):
     """The kernel died before it began the request, so the request did not run and may be retried."""
 

@@ -17,9 +17,9 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.run import median_time  # noqa: E402
-from tests import hosts as test_hosts  # noqa: E402  (the sshd harness of the test suite)
-from tests.conftest import MACHINE_TYPES, TOKEN, start_server  # noqa: E402
+from testbed import hosts as test_hosts  # noqa: E402  (the sshd hosts the tests run on too)
+from testbed.server import MACHINE_TYPES, TOKEN, start_server  # noqa: E402
+from testbed.timing import median_time  # noqa: E402
 
 
 def noop() -> None:

@@ -15,23 +15,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from testbed.timing import median_time  # noqa: E402
+
 rows: list[tuple[str, str, str]] = []
-
-
-def median_time(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
 
 
 def row(figure: str, value: str, note: str = "") -> None:
@@ -462,8 +455,7 @@ def main() -> None:
 
     # -- a cluster of two sshd hosts behind a Jupyter Server over loopback -------------------------
     print("\ncluster kernels on two sshd hosts (127.0.0.2/.3) behind a Jupyter Server, against its own kernels")
-    sys.path.insert(0, str(HERE.parent))
-    from tests import hosts as test_hosts
+    from testbed import hosts as test_hosts
 
     why = test_hosts.available()
     if why:

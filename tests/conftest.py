@@ -3,20 +3,17 @@ Jupyter Server (started once, when a test first needs it), and the suite-level c
 outlives the tests."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import cloudpickle
 import pytest
 
 from fal_magic_inside import forkserver
+
+from testbed.server import (MACHINE_TYPES, ORPHAN_TIMEOUT, TOKEN, free_port, server_api,  # noqa: F401 (the tests'
+                            start_server, wait_until)  # names for them)
 
 from . import kernel_side
 
@@ -33,9 +30,6 @@ for _name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_
               "UV_INDEX_URL", "UV_INDEX", "UV_EXTRA_INDEX_URL", "UV_FIND_LINKS", "UV_NO_INDEX"):
     os.environ.pop(_name, None)
 
-#: The token of the test Jupyter Server, and how long it lets a kernel without a host live.
-TOKEN = "fal-magic-test-token"
-ORPHAN_TIMEOUT = 3
 #: Merged into every kernelspec the test server writes (as a kernel provisioner's settings would be).
 KERNELSPEC_METADATA = {"fal_magic_test": {"provisioner": "none"}}
 
@@ -106,16 +100,6 @@ def pid_alive(pid: int) -> bool:
     return state != "Z" or tasks > 1
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes; bounds waits without timing claims."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made here (a server's TLS in a test)."""
     import datetime
@@ -141,19 +125,6 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_file, key_file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_api(url: str, path: str, token: str = TOKEN):
-    """GET a JSON resource of the test server."""
-    req = urllib.request.Request(url + path, headers={"Authorization": f"token {token}"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.load(resp)
 
 
 @pytest.fixture(scope="session")
@@ -190,40 +161,6 @@ def _fresh_pool():
         f"this test left kernels running: {describe_pids(leaked_kernels())}")
 
 
-def start_server(home: Path, root: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
-                 scheme: str = "http", ip: str = "127.0.0.1"):
-    """Start a jupyter_server with the extension listening on ``ip`` (its own cache and token), through
-    the command ``prefix`` if any; yield its URL on 127.0.0.1 and its process, and stop it after. With
-    ``scheme="https"`` the ``args`` give its certificate (and the client must trust it)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "jupyter_server",  # the extension: enabled by fal_magic's install
-         f"--IdentityProvider.token={TOKEN}", f"--port={port}", f"--ip={ip}", "--no-browser",
-         "--allow-root", f"--ServerApp.root_dir={root}", f"--FalMagicServer.orphan_timeout={ORPHAN_TIMEOUT}", *args],
-        env={**os.environ, "FAL_MAGIC_HOME": str(home), **(env or {})},
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
-    url = f"{scheme}://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            server_api(url, "/api/status")
-            return True
-        except OSError:
-            return False
-
-    try:
-        assert wait_until(up, timeout=60, interval=0.2), (root / "server.log").read_text()[-3000:]
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture(scope="session")
 def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """The test Jupyter Server; its kernels are its children. Started once for the run, by the first
@@ -232,16 +169,10 @@ def server(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
                             f"--FalMagicServer.kernelspec_metadata={KERNELSPEC_METADATA!r}")
 
 
-#: The test cluster's groups: both hosts, one host with a variable of its own, and one whose first
-#: host is down.
-MACHINE_TYPES = {"S": {"hosts": ["127.0.0.2", "127.0.0.3"]}, "ONE": {"hosts": ["127.0.0.3"], "env": {"GROUP": "one"}},
-                 "FLAKY": {"hosts": ["127.0.0.9", "127.0.0.3"]}}  # nothing listens on 127.0.0.9
-
-
 @pytest.fixture(scope="session")
 def hosts(fal_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """Two sshd hosts (see hosts.py); skipped where they cannot run, except on CI."""
-    from . import hosts as hosts_module
+    from testbed import hosts as hosts_module
 
     why = hosts_module.available()
     if why:

@@ -74,3 +74,41 @@ def test_the_host_layers_import_one_way():
             assert "fal_magic.envs.spec" not in found, (rel, found)
         if rel == "fal_magic/progress.py":  # what it uses of outputs is public there
             assert not any(n.rsplit(".", 1)[-1].startswith("_") for n in found), (rel, found)
+
+
+def _design_tree() -> set[str]:
+    """The modules the design page's tree names, as paths (``fal_magic/envs/spec.py``)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text.split("```\n", 2)[1]
+    named, folders = set(), []  # folders: (indent, name) of the enclosing directories
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        entry = line.strip().split("  ")[0]
+        if not entry or not entry.endswith(("/", ".py", ",")) and ".py" not in entry:
+            continue
+        folders = [(i, f) for i, f in folders if i < indent]
+        if entry.endswith("/"):
+            folders.append((indent, entry))
+            continue
+        for name in entry.split(","):
+            named.add("".join(f for _, f in folders) + name.strip())
+    return named
+
+
+def test_every_module_has_a_line_on_the_design_page():
+    named = _design_tree()
+    missing = [path.relative_to(ROOT).as_posix() for package in ("fal_magic", "fal_magic_inside")
+               for path in modules(package) if path.relative_to(ROOT).as_posix() not in named]
+    assert not missing, f"modules the design page does not name: {missing}"
+
+
+def test_the_benchmarks_and_the_testbed_import_nothing_of_the_tests_and_one_way():
+    """A harness both use belongs to neither: benchmarks and the test bed never import the tests,
+    the test bed never imports the benchmarks, and the benchmarks import one another one way."""
+    for package in ("benchmarks", "testbed"):
+        for path in modules(package):
+            found = imports(path)
+            assert not [n for n in found if n.split(".")[0] == "tests"], (path, found)
+            if package == "testbed":
+                assert not [n for n in found if n.split(".")[0] == "benchmarks"], (path, found)
+    assert not [n for n in imports(ROOT / "benchmarks" / "cluster.py") if n.startswith("benchmarks.run")]

@@ -35,23 +35,40 @@ class NestedCallError(FalMagicFailure):
 
 
 class Broker:
-    """The kernel's line to its host for nested isolated calls: a zmq socket of its own, because the
-    shell channel is not read while the outer call runs."""
+    """The kernel's line to its hosts for nested isolated calls: a zmq socket of its own (the shell
+    channel is not read while the outer call runs), connected to the broker address the running
+    request names: each process of the user's pool that leases the kernel has its own."""
 
-    def __init__(self, address: str, key: bytes) -> None:
+    #: Connections kept to hosts' brokers (the latest ones; a host that left takes none of them).
+    KEEP = 4
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.address: str | None = None  # the running request's host's
+        self._sockets: dict[str, Any] = {}
+
+    def _socket(self) -> Any:
         import zmq
 
-        self.key = key
-        self.socket: Any = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
+        assert self.address is not None
+        socket = self._sockets.pop(self.address, None)
+        if socket is None:
+            socket = zmq.Context.instance().socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.address)
+        self._sockets[self.address] = socket  # (the latest last)
+        while len(self._sockets) > self.KEEP:
+            self._sockets.pop(next(iter(self._sockets))).close()
+        return socket
 
     def call(self, options: dict[str, Any], fn: Callable[..., Any] | None, args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
+        if self.address is None:
+            raise NestedCallError("isolated functions cannot be called from here (no host brokers this request)")
+        socket = self._socket()
         header = json.dumps({"op": "nested", "nonce": os.urandom(8).hex()}).encode()
-        self.socket.send_multipart([sign(self.key, header), header, *dumps((options, fn, args, kwargs))],
-                                   copy=False)
-        status, *frames = self.socket.recv_multipart(copy=False)
+        socket.send_multipart([sign(self.key, header), header, *dumps((options, fn, args, kwargs))], copy=False)
+        status, *frames = socket.recv_multipart(copy=False)
         status = bytes(status)
         if status == b"ok":
             return loads(frames)

@@ -23,12 +23,13 @@ def begun_mark(msg_id: str) -> bytes:
     return msg_id.encode()[:BEGUN_SIZE].ljust(BEGUN_SIZE)
 
 
-#: Serves one call: the socket to answer on, the call's header and its frames.
-Serve = Callable[[Any, "dict[str, Any]", "list[Any]"], None]
+#: Serves one call: how to answer its caller (with the reply's frames), the call's header and frames.
+Serve = Callable[[Callable[["list[Any]"], None], "dict[str, Any]", "list[Any]"], None]
 
 
 class FastChannel:
-    """A zmq PAIR socket bound at ``address`` and read on the kernel's asyncio loop."""
+    """A zmq ROUTER socket bound at ``address`` and read on the kernel's asyncio loop: any process
+    of the user's pool that leases the kernel connects to it, and each reply goes to its caller."""
 
     def __init__(self, serve: Serve, address: str, key: bytes, begun_path: str) -> None:
         import asyncio
@@ -40,7 +41,7 @@ class FastChannel:
         self.zmq = zmq
         self.serve = serve
         self.key = key
-        self.socket: Any = zmq.Context.instance().socket(zmq.PAIR)
+        self.socket: Any = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(address)
         fd = os.open(begun_path, os.O_RDWR)
@@ -55,12 +56,17 @@ class FastChannel:
         try:  # an interrupt that lands here must not reach (and stop) the kernel's event loop
             while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 try:
-                    signature, header, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+                    ident, signature, header, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except (zmq.Again, ValueError):
                     break
                 if not hmac.compare_digest(sign(self.key, header.bytes), signature.bytes):
                     continue  # not signed with our key: dropped
-                self.serve(self.socket, json.loads(header.bytes), frames)
+                socket = self.socket
+
+                def answer(parts: list[Any], ident: Any = ident) -> None:
+                    socket.send_multipart([ident, *parts], copy=False)
+
+                self.serve(answer, json.loads(header.bytes), frames)
         except KeyboardInterrupt:
             pass
 

@@ -12,8 +12,9 @@ stdin, stdout and stderr, and a memory file with its environment variables as JS
 forked kernel reads (they may be secrets: the template never holds them). Back, newline-separated
 JSON: ``ready``, ``forked`` (with the pid) or ``failed``, and, whenever a kernel ends, ``exit`` with
 its pid and exit code (negative: the signal), since the kernels are the template's children, not the
-host's. The template ends, killing every kernel it forked, when the host closes the socket or is gone
-(its parent changed).
+host's. When the host closes the socket or is gone (its parent changed), the template ends, killing
+every kernel it forked; with ``DETACHED_ENV`` set (kernels of a user's pool, which outlive their
+host), it waits for them to end instead, then ends.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def variables_file(env: dict[str, str]) -> int:
         raise
     return fd
 
+
+#: Set in a template whose kernels outlive its host (a user's pool: SPEC 13).
+DETACHED_ENV = "FAL_MAGIC_DETACHED"
 
 #: How often the template checks that its host still lives, in seconds.
 HOST_CHECK = 0.2
@@ -184,6 +188,20 @@ def become_kernel(fds: list[int], cwd: str) -> None:
     os.environ.update(env)
 
 
+def outlive_host(children: set[int]) -> None:
+    """The host is gone, and the kernels live on (each ends at its deadline): reap them, then end."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while children:
+        try:
+            pid, _ = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        children.discard(pid)
+
+
 def end_kernels(children: set[int]) -> None:
     """The host is gone: end every kernel this template forked, with what each kernel started."""
     for pid in children:
@@ -225,7 +243,10 @@ def main() -> None:
     template.send(op="ready", pid=os.getpid(), threads=threads(), sources=sources)
     request = template.serve()
     if request is None:
-        end_kernels(template.children)
+        if os.environ.get(DETACHED_ENV):
+            outlive_host(template.children)
+        else:
+            end_kernels(template.children)
         return
     del template
     run_kernel(request)

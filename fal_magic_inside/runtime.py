@@ -27,7 +27,8 @@ from . import broker as _broker
 from .capture import capture_stdout, drain_captured_output
 from .channel import BEGUN_ENV, FAST_ENV, FastChannel
 from .frames import describe_exception, dumps, loads, new_buffer, type_name, without_runtime_frames
-from . import head_blobs
+from . import head_blobs, lifetime
+from .lifetime import Lifetime
 from .head import HEAD_ENV, watch_head
 from .shm import SHM_ENV, Arena, results_to_blobs, results_to_shm, shm_map
 from . import sources
@@ -75,8 +76,10 @@ class Runtime:
         self._parts: dict[int, memoryview] = {}
         self.shm_dir = os.environ.get(SHM_ENV, "")
         self.arena: Arena | None = None  # this kernel's segments for large results
+        self.arena_host = ""  # the session of the host the arena's lent segments went to
         self.held: dict[str, Any] = {}  # the host's segments this kernel still maps (its objects use them)
         self.asker: Asker | None = None  # the running request's line to the host's stdin
+        self.lifetime: Lifetime | None = None  # a kernel of a user's pool keeps its own deadline
 
     def open(self, comm: Any, msg: dict[str, Any]) -> None:
         """A host connected: tell it who we are so it can check versions before any pickle crosses."""
@@ -145,6 +148,10 @@ class Runtime:
                 operation = getattr(self, "op_" + str(data.get("op")), None)
                 if operation is None:
                     raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
+                if _broker.broker is not None:  # nested calls go to this request's host
+                    _broker.broker.address = data.get("broker")
+                if self.lifetime is not None:
+                    self.lifetime.calling = True
                 with asking(self.shell.kernel, *stdin) if stdin is not None else nullcontext() as asker:
                     self.asker = asker
                     result = operation(data, buffers)
@@ -178,6 +185,8 @@ class Runtime:
             reply.update(ok=False, kind="exception")
             frames = dumps(describe_exception(exc, plain=bool(data.get("plain"))))
         finally:
+            if self.lifetime is not None:
+                self.lifetime.calling = False
             drain_captured_output()
             for stream in (sys.stdout, sys.stderr):
                 # ipykernel's streams keep what was written in ``_buffers``; when that is empty a
@@ -190,7 +199,7 @@ class Runtime:
                     pass
         return reply, frames
 
-    def serve_fast(self, sock: Any, header: dict[str, Any], frames: list[Any]) -> None:
+    def serve_fast(self, answer: Callable[[list[Any]], None], header: dict[str, Any], frames: list[Any]) -> None:
         """Serve a call from the fast channel: outputs go to iopub under the call's own id, then an
         ``idle`` status marks that they are all out, then the reply goes back on the channel."""
         parent = {"header": {"msg_id": header["msg_id"], "msg_type": "fal_magic_call", "session": header["session"],
@@ -205,6 +214,10 @@ class Runtime:
         if self.shm_dir and self.arena is None:
             self.arena = Arena(self.shm_dir, "k")
         if self.arena is not None:
+            if header["session"] != self.arena_host:  # another process leases the kernel now: what the last
+                self.arena_host = header["session"]  # one may still map is never written again (unlinked)
+                for name in list(self.arena.lent):
+                    self.arena.forget(name)
             self.arena.give_back(header.get("free", []))  # segments of ours the host no longer maps
         segments = {}
         frames = list(frames)
@@ -216,7 +229,7 @@ class Runtime:
         # did not run the call, which may then run elsewhere.
         saved = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            request = {"op": "call", "id": header["id"], "plain": header.get("plain")}
+            request = {"op": "call", "id": header["id"], "plain": header.get("plain"), "broker": header.get("broker")}
             reply, out = self.run(request, frames, lambda: fast.begun(header["msg_id"]),
                                   stdin=([header["session"].encode()], parent))
         finally:
@@ -226,7 +239,7 @@ class Runtime:
             reply["shm"], reply["free"] = results_to_shm(self.arena, self.held, out, segments)
         kernel.session.send(kernel.iopub_socket, "status", {"execution_state": "idle"}, parent=parent,
                             ident=b"status")
-        sock.send_multipart([json.dumps(reply).encode(), *out], copy=False)
+        answer([json.dumps(reply).encode(), *out])
 
     def op_call(self, data: dict[str, Any], buffers: list[Any]) -> Any:
         """Run a pickled ``(function, args, kwargs)``; the last exception kept for a debugger goes."""
@@ -272,8 +285,8 @@ def install(shell: Any) -> None:
     """Register the comm target in this kernel, and dump tracebacks on fatal signals (a segfault)
     into the kernel's log file, whose tail the host reports when the kernel dies."""
     global _fault_log
-    if os.environ.get(_broker.BROKER_ENV):
-        _broker.broker = _broker.Broker(os.environ[_broker.BROKER_ENV], shell.kernel.session.key)
+    if os.environ.get(_broker.BROKER_ENV):  # a host on this machine brokers nested calls
+        _broker.broker = _broker.Broker(shell.kernel.session.key)
     log_path = os.environ.get("FAL_MAGIC_KERNEL_LOG")
     _fault_log = open(log_path, "a") if log_path else sys.__stderr__
     faulthandler.enable(file=_fault_log, all_threads=False)  # the crashing thread: the tail stays short
@@ -283,6 +296,7 @@ def install(shell: Any) -> None:
     if os.environ.get(HEAD_ENV):  # a kernel on a cluster host
         watch_head()
     runtime = Runtime(shell)
+    runtime.lifetime = lifetime.watch()
     shell.kernel.comm_manager.register_target(COMM_TARGET, runtime.open)
     if os.environ.get(FAST_ENV):
         runtime.fast = FastChannel(runtime.serve_fast, os.environ[FAST_ENV], shell.kernel.session.key,

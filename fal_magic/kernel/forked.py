@@ -89,6 +89,7 @@ class Template:
     def __init__(self, python: str, env: dict[str, str], log_path: Path) -> None:
         self.python = python
         self.log_path = log_path
+        self.detached = bool(env.get(forkserver.DETACHED_ENV))
         self._lock = threading.Lock()  # one fork request at a time
         self._cond = threading.Condition()
         self._answers: list[dict[str, Any]] = []
@@ -204,12 +205,15 @@ class Template:
             return len(self._live)
 
     def stop(self) -> None:
-        """End the template (closing its socket: it kills its remaining kernels) and wait for it."""
+        """End the template (closing its socket: it kills its remaining kernels, or, detached, waits
+        for them to end at their deadlines) and wait for it (not for a detached one with kernels)."""
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+        if self.detached and self.kernels:
+            return
         try:
             self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
@@ -227,9 +231,11 @@ _templates_lock = threading.Lock()
 
 
 def template_for(python: str, env: dict[str, str], runtime_dir: Path) -> Template:
-    """The live template for kernels on ``python`` with these start-up variables, started if need be."""
+    """The live template for kernels on ``python`` with these start-up variables, started if need be
+    (one whose kernels outlive this process, where ``env`` says so: ``forkserver.DETACHED_ENV``)."""
     startup = tuple(sorted(forkserver.startup_variables(env).items()))
-    slot = (python, startup)
+    detached = env.get(forkserver.DETACHED_ENV, "")
+    slot = (python, startup, detached)
     with _templates_lock:
         template = _templates.get(slot)
         if template is not None and template.alive and template.current:
@@ -238,6 +244,8 @@ def template_for(python: str, env: dict[str, str], runtime_dir: Path) -> Templat
             _retiring.append(template)
         own_env = {k: v for k, v in env.items() if k in _TEMPLATE_NAMES}
         own_env.update(startup)
+        if detached:
+            own_env[forkserver.DETACHED_ENV] = detached
         template = Template(python, own_env, runtime_dir / f"template-{os.getpid()}-{next(_numbers)}.log")
         _templates[slot] = template
     retire_idle(None)

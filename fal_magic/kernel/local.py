@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
-from fal_magic_inside import shm
+from fal_magic_inside import forkserver, lifetime, shm
 from fal_magic_inside.broker import BROKER_ENV
 from fal_magic_inside.channel import BEGUN_ENV, BEGUN_SIZE, FAST_ENV, begun_mark
 from fal_magic_inside.frames import sign
@@ -33,6 +33,7 @@ from ..outputs import OutputSink
 from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
 from .protocol import (LIVENESS_PERIOD, bootstrap_from, check_hello, comm_open, is_hello, kernel_argv, kernel_env,
                        msg_counter, write_runtime)
+from .registry import Entry, Lease, Registry, pid_alive, wait_gone
 from .request import serve
 
 try:
@@ -129,11 +130,16 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 
 class LocalKernel(Kernel):
-    """One kernel process on this machine, a child of the host, and its client."""
+    """One kernel process on this machine and its client: a child of the host, or, in a user's pool
+    (``registry``), a kernel any process of the user may lease, which this one started or attached to."""
 
     def __init__(self, key: str, requirements: tuple[str, ...], cache: EnvCache, runtime_dir: Path,
-                 shm_dir: Path | None = None, env: Mapping[str, str] | None = None, fork: bool = True) -> None:
+                 shm_dir: Path | None = None, env: Mapping[str, str] | None = None, fork: bool = True,
+                 registry: Registry | None = None) -> None:
         super().__init__(key, requirements)
+        self.registry = registry
+        self.lease: Lease | None = None  # (a user's pool) held while this process serves a call in it
+        self.attached = False  # (a user's pool) started by another process: no KernelManager here
         self.cache = cache
         self.python: str | None = None  # the environment's (cpython-3.12), once started
         self.fork = fork  # forked from the environment's template (else launched as a new process)
@@ -169,9 +175,7 @@ class LocalKernel(Kernel):
         )
         km.shutdown_wait_time = 2.0
         self.km = km
-        self.broker = zmq_context().socket(zmq.ROUTER)
-        broker_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-broker'}"
-        self.broker.bind(broker_address)
+        self._bind_broker()
         fast_address = f"ipc://{self.runtime_dir / f'kernel-{self.id}-fast'}"
         self.begun_path.write_bytes(bytes(BEGUN_SIZE))
         child_env = {k: v for k, v in os.environ.items()
@@ -180,12 +184,13 @@ class LocalKernel(Kernel):
         child_env.update(
             kernel_env(env.path, os.environ.get("PATH", "")),
             FAL_MAGIC_KERNEL_LOG=str(self.log_path),
-            **{BROKER_ENV: broker_address, FAST_ENV: fast_address, BEGUN_ENV: str(self.begun_path)},
+            **{BROKER_ENV: "host", FAST_ENV: fast_address, BEGUN_ENV: str(self.begun_path)},
             **({shm.SHM_ENV: str(self.shm_dir)} if self.shm_dir is not None else {}),
+            **(self._pool_variables() if self.registry is not None else {}),
         )
         log = open(self.log_path, "ab", buffering=0)
-        try:
-            km.start_kernel(env=child_env, stdout=log, stderr=log)
+        try:  # (in a user's pool, independent: no parent polling, the kernel keeps its own deadline)
+            km.start_kernel(env=child_env, stdout=log, stderr=log, independent=self.registry is not None)
         except Exception as exc:
             raise KernelStartError(f"could not launch a kernel on {env.python}: {exc}. "
                                    + _broken_env_hint(env.key)) from None
@@ -209,6 +214,85 @@ class LocalKernel(Kernel):
                 + ("\nlast lines of its log:\n" + "\n".join(lines) if lines else "")
                 + "\n" + _broken_env_hint(env.key)) from None
         progress(f"kernel {self.id} started on environment {spec.key} in {time.perf_counter() - started:.2f}s")
+
+    def _pool_variables(self) -> dict[str, str]:
+        """What a kernel of a user's pool needs to keep its own deadline (``fal_magic_inside.lifetime``)."""
+        assert self.registry is not None
+        return {lifetime.ENTRY_ENV: str(self.registry.entry_path(self.id)),
+                lifetime.LEASE_ENV: str(self.registry.lease_path(self.id)),
+                lifetime.FILES_ENV: os.pathsep.join(str(p) for p in (self.log_path, self.begun_path,
+                                                                     self.runtime_dir / f"kernel-{self.id}-fast")),
+                lifetime.CONNECTION_ENV: str(self.runtime_dir / f"kernel-{self.id}.json"),
+                forkserver.DETACHED_ENV: "1"}
+
+    def entry(self) -> Entry:
+        """This kernel as the user's pool registers it."""
+        return Entry(id=self.id, slot=self.slot, key=self.key, requirements=list(self.requirements),
+                     python=self.python or "", pid=self.pid or 0,
+                     connection_file=str(self.runtime_dir / f"kernel-{self.id}.json"), log_path=str(self.log_path),
+                     begun_path=str(self.begun_path), started_at=self.started_at, env_tag=self.env_tag,
+                     machine_type=self.machine_type)
+
+    def _bind_broker(self) -> None:
+        """This process's end of the kernel's nested calls: each host that serves calls in the kernel
+        has its own, named in every request (``broker_address``)."""
+        self.broker = zmq_context().socket(zmq.ROUTER)
+        self.broker.bind(self.broker_address)
+
+    @property
+    def broker_address(self) -> str:
+        return f"ipc://{self.runtime_dir / f'kernel-{self.id}-b{os.getpid()}'}"
+
+    @classmethod
+    def attach(cls, entry: Entry, registry: Registry, cache: EnvCache, runtime_dir: Path, shm_dir: Path | None,
+               timeout: float) -> LocalKernel:
+        """A client of a kernel of the user's pool that another process started (its lease already
+        taken by the caller): connect to its sockets and open a comm to its runtime."""
+        from jupyter_client.blocking import BlockingKernelClient
+
+        kernel = cls(entry.key, tuple(entry.requirements), cache, runtime_dir, shm_dir, registry=registry)
+        kernel.id, kernel.pid, kernel.python = entry.id, entry.pid, entry.python
+        kernel.started_at, kernel.env_tag, kernel.machine_type = entry.started_at, entry.env_tag, entry.machine_type
+        kernel.log_path, kernel.begun_path = Path(entry.log_path), Path(entry.begun_path)
+        kernel.attached = True
+        kernel.deadline = entry.deadline
+        kc = BlockingKernelClient(connection_file=entry.connection_file, context=zmq_context())
+        kc.load_connection_file()
+        kernel.kc = kc
+        try:
+            kc.start_channels(shell=True, iopub=True, stdin=True, hb=False, control=False)
+            kernel._bind_broker()
+            kernel._await_iopub(timeout)
+            kc.shell_channel.send(comm_open(kc.session, kernel.comm_id))
+            hello = kernel._wait(kc.iopub_channel, timeout, "while attaching", is_hello)["content"]["data"]
+            check_hello(hello, kernel.python)
+            if hello.get("fast"):
+                kernel.fast = zmq_context().socket(zmq.DEALER)
+                kernel.fast.connect(f"ipc://{runtime_dir / f'kernel-{entry.id}-fast'}")
+        except BaseException:
+            kernel.detach()
+            raise
+        kernel.state = "busy"
+        return kernel
+
+    def detach(self) -> None:
+        """Let go of the kernel without ending it (a user's pool: it ends at its deadline)."""
+        self.state = "dead"
+        if self.kc is not None:
+            try:
+                self.kc.stop_channels()
+            except Exception:
+                pass
+        for sock in (self.broker, self.fast):
+            if sock is not None:
+                sock.close()
+        self.broker = self.fast = None
+        Path(self.broker_address[len("ipc://"):]).unlink(missing_ok=True)
+        if self.arena is not None:
+            self.arena.close()
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
 
     def release_slot(self) -> None:
         """The pool holds no kernel of this key any more: the environment may be removed again."""
@@ -235,7 +319,7 @@ class LocalKernel(Kernel):
         check_hello(hello, self.python)
         self.pid = hello["pid"]
         if hello.get("fast"):  # the runtime has bound its fast channel
-            self.fast = zmq_context().socket(zmq.PAIR)
+            self.fast = zmq_context().socket(zmq.DEALER)
             self.fast.connect(fast_address)
 
     def _await_iopub(self, timeout: float) -> None:
@@ -290,6 +374,8 @@ class LocalKernel(Kernel):
     def is_alive(self) -> bool:
         """Whether the kernel process still runs: a cheap poll of the child, and on Linux its state
         (a killed process can linger as a zombie leader, unreaped, while its threads wind down)."""
+        if self.attached:
+            return self.pid is not None and pid_alive(self.pid)
         if self.km is None or self.km.provisioner is None:
             return False
         proc = self._process()
@@ -339,13 +425,26 @@ class LocalKernel(Kernel):
     def kill(self, reason: str) -> None:
         """SIGKILL the process from any thread; the thread serving a request then reports ``reason``."""
         self.kill_reason = reason
+        if self.attached:
+            self._signal(signal.SIGKILL)
+            return
         proc = self._process()
         if proc is not None and proc.poll() is None:
             proc.kill()
 
+    def _signal(self, signum: int) -> None:
+        """A signal to an attached kernel's process group (it is its own session's leader)."""
+        if self.pid:
+            try:
+                os.killpg(self.pid, signum)
+            except OSError:
+                pass
+
     def interrupt(self) -> None:
         """SIGINT to the kernel (its own process group): raises KeyboardInterrupt in the running code."""
-        if self.km is not None and self.is_alive():
+        if self.attached:
+            self._signal(signal.SIGINT)
+        elif self.km is not None and self.is_alive():
             self.km.interrupt_kernel()
 
     def shutdown(self, now: bool = False) -> None:
@@ -356,6 +455,10 @@ class LocalKernel(Kernel):
                 self.kc.stop_channels()
             except Exception:
                 pass
+        if self.registry is not None:  # gone from the user's pool first: no process leases it any more
+            self.registry.remove(self.id)
+        if self.attached:  # another process's child: ended by signals, its files removed here
+            self._end_attached(now)
         if self.km is not None:
             try:
                 if self.km.has_kernel:
@@ -370,17 +473,38 @@ class LocalKernel(Kernel):
             if sock is not None:
                 sock.close()
         self.broker = self.fast = None
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
         if self.shm_dir is not None and self.pid is not None:  # the kernel's arena (mapped results stay valid)
             for path in self.shm_dir.glob(f"k-{self.pid}-*"):
                 path.unlink(missing_ok=True)
         if self.arena is not None:
             self.arena.close()
-        for path in (self.log_path, self.runtime_dir / f"kernel-{self.id}-broker",
+        for path in (self.log_path, Path(self.broker_address[len("ipc://"):]),
                      self.runtime_dir / f"kernel-{self.id}-fast", self.begun_path):
             try:
                 path.unlink()
             except OSError:
                 pass
+
+    def _end_attached(self, now: bool) -> None:
+        """End a kernel this process attached to: SIGTERM (unless ``now``), then SIGKILL; then its
+        connection file and sockets, which its own process would have removed."""
+        if not now:
+            self._signal(signal.SIGTERM)
+        if now or not wait_gone(self.pid or 0, 2.0):
+            self._signal(signal.SIGKILL)
+            wait_gone(self.pid or 0, 2.0)
+        connection = self.runtime_dir / f"kernel-{self.id}.json"
+        try:
+            info = json.loads(connection.read_text())
+            for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+                if info.get("transport") == "ipc" and name in info:
+                    Path(f"{info['ip']}-{info[name]}").unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+        connection.unlink(missing_ok=True)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -407,7 +531,8 @@ class LocalKernel(Kernel):
                             frames[index] = b""
             msg_id = uuid.uuid4().hex
             header = json.dumps({"msg_id": msg_id, "id": msg_counter(), "session": self.kc.session.session,
-                                 "shm": sent, "free": free, **self._crossing()}).encode()
+                                 "shm": sent, "free": free, "broker": self.broker_address,
+                                 **self._crossing()}).encode()
             self.fast.send_multipart([sign(self.kc.session.key, header), header, *frames], copy=False)
             reply = serve(self, msg_id, sink, grace, "outside", nested)
             placed = reply.content.pop("shm", None) or {}
@@ -451,8 +576,8 @@ class LocalKernel(Kernel):
 
     def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
                          nested: NestedHandler | None = None, **fields: Any) -> Reply:
-        msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id,
-                                               "data": {"op": op, "id": msg_counter(), **fields}})
+        msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": {
+            "op": op, "id": msg_counter(), "broker": self.broker_address, **fields}})
         self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
         return serve(self, msg["header"]["msg_id"], sink, grace, "comm", nested)
 

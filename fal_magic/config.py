@@ -58,6 +58,13 @@ class FalMagic(Configurable):
              "already imported ipykernel (a kernel then starts in about half the time); False: start each "
              "kernel as a new Python process. Default: True on Linux, False elsewhere (macOS).",
     )
+    kernel_scope = Enum(
+        ["process", "user"], "process", config=True,
+        help="'user': local kernels form one pool per user and machine (under the home), shared by every "
+             "process of the user: a script run again, a restarted notebook or a second notebook finds the "
+             "warm kernel of its key, and a kernel lives until its deadline whoever is left (SPEC 13). "
+             "'process': kernels end with the process that started them.",
+    )
     template_keep_alive = Float(
         300.0, min=0.0, config=True,
         help="Seconds an environment's kernel template stays after its last kernel ended.",

@@ -197,6 +197,8 @@ class LocalKernel(Kernel):
         finally:
             log.close()
         self.pid = getattr(km.provisioner, "pid", None)
+        if self.registry is not None:
+            os.link(km.connection_file, self.pool_connection_file)
         try:
             self.kc = km.client(context=zmq_context())
             # shell, iopub and stdin (code that asks for input): no heartbeat (liveness
@@ -220,16 +222,23 @@ class LocalKernel(Kernel):
         assert self.registry is not None
         return {lifetime.ENTRY_ENV: str(self.registry.entry_path(self.id)),
                 lifetime.LEASE_ENV: str(self.registry.lease_path(self.id)),
-                lifetime.FILES_ENV: os.pathsep.join(str(p) for p in (self.log_path, self.begun_path,
-                                                                     self.runtime_dir / f"kernel-{self.id}-fast")),
-                lifetime.CONNECTION_ENV: str(self.runtime_dir / f"kernel-{self.id}.json"),
+                lifetime.FILES_ENV: os.pathsep.join(str(p) for p in (
+                    self.log_path, self.begun_path, self.runtime_dir / f"kernel-{self.id}-fast",
+                    self.runtime_dir / f"kernel-{self.id}.json")),
+                lifetime.CONNECTION_ENV: str(self.pool_connection_file),
                 forkserver.DETACHED_ENV: "1"}
+
+    @property
+    def pool_connection_file(self) -> Path:
+        """The connection file other processes of the pool attach with: a link to the one the
+        KernelManager wrote, which it removes when it is collected (the kernel removes this one)."""
+        return self.runtime_dir / f"kernel-{self.id}-pool.json"
 
     def entry(self) -> Entry:
         """This kernel as the user's pool registers it."""
         return Entry(id=self.id, slot=self.slot, key=self.key, requirements=list(self.requirements),
                      python=self.python or "", pid=self.pid or 0,
-                     connection_file=str(self.runtime_dir / f"kernel-{self.id}.json"), log_path=str(self.log_path),
+                     connection_file=str(self.pool_connection_file), log_path=str(self.log_path),
                      begun_path=str(self.begun_path), started_at=self.started_at, env_tag=self.env_tag,
                      machine_type=self.machine_type)
 
@@ -482,7 +491,7 @@ class LocalKernel(Kernel):
         if self.arena is not None:
             self.arena.close()
         for path in (self.log_path, Path(self.broker_address[len("ipc://"):]),
-                     self.runtime_dir / f"kernel-{self.id}-fast", self.begun_path):
+                     self.runtime_dir / f"kernel-{self.id}-fast", self.begun_path, self.pool_connection_file):
             try:
                 path.unlink()
             except OSError:
@@ -496,7 +505,8 @@ class LocalKernel(Kernel):
         if now or not wait_gone(self.pid or 0, 2.0):
             self._signal(signal.SIGKILL)
             wait_gone(self.pid or 0, 2.0)
-        connection = self.runtime_dir / f"kernel-{self.id}.json"
+        connection = self.pool_connection_file
+        (self.runtime_dir / f"kernel-{self.id}.json").unlink(missing_ok=True)
         try:
             info = json.loads(connection.read_text())
             for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -36,6 +37,7 @@ from ..platforms import after_fork_in_child, require_local_kernels
 from . import forked
 from .contract import Frames, Kernel, NestedHandler, NotStartedError, Progress, Reply, slot_name
 from .local import LocalKernel
+from .registry import Lease, Registry, pid_alive, wait_gone
 from .remote import RemoteKernel, ServerClient, check_url
 from ..progress import log_progress
 from .by_source import HOST_REF, dump_by_source, travelled
@@ -64,6 +66,8 @@ class KernelInfo:
     #: The Jupyter Server the kernel runs on (None: this machine), and the cluster host it placed it on.
     host: str | None = None
     node: str | None = None
+    #: The process that holds its lease (a user's pool: any process of the user's), if one does.
+    holder: int | None = None
 
     @property
     def seconds_left(self) -> float | None:
@@ -115,6 +119,7 @@ class KernelPool:
         self._lost_namespaces: dict[str, str] = {}  # slots whose kernel with cell state is gone: how
         self._runtime_dir: Path | None = None
         self._shm_dir: Path | None = None
+        self._registries: dict[Path, Registry] = {}
 
     @property
     def config(self) -> FalMagic:
@@ -137,6 +142,21 @@ class KernelPool:
             return None
         with self._cond:
             return self._lock_files.setdefault(path, LockFile(path))
+
+    def registry(self) -> Registry | None:
+        """The user's pool under the home (``kernel_scope="user"``), else None (kernels of this process)."""
+        if self.config.kernel_scope != "user":
+            return None
+        home = self.config.home_path()
+        with self._cond:
+            registry = self._registries.get(home)
+            if registry is None:
+                registry = self._registries[home] = Registry(home)
+            return registry
+
+    def _user_dirs(self, registry: Registry) -> tuple[Path, Path | None]:
+        """The user's runtime and shared-memory directories for ``registry``'s kernels."""
+        return registry.runtime_dir(_runtime_root()), registry.shm_dir()
 
     def runtime_dir(self) -> Path:
         """This process's owner-only directory for connection files and IPC sockets (a short path,
@@ -188,8 +208,14 @@ class KernelPool:
                 spec = self._cache().locked(spec, lock, progress)
         else:
             _check_remote_spec(spec, url)
-        tag = _env_tag(variables)
+        registry = self.registry() if url is None else None
+        tag = _env_tag(variables, registry.tag_key() if registry is not None else _ENV_TAG_KEY)
         key = slot_name(spec.key, url, tag, machine_type)
+        if registry is not None:
+            shared, new = self._lease_shared(registry, spec, key, max_kernels, machine_type, variables, tag, waiting)
+            if not new:
+                return shared
+            return self._start(shared, spec, progress)
         with self._cond:
             if self._closed:
                 raise FalMagicError("fal_magic is shutting down")
@@ -218,8 +244,14 @@ class KernelPool:
                         kernels.append(kernel)
                         break
                     self._cond.wait()
+        return self._start(kernel, spec, progress)
+
+    def _start(self, kernel: Kernel, spec: EnvSpec, progress: Progress) -> Kernel:
+        """Start a kernel the pool has just added (busy for its caller); on failure, nothing is left."""
         try:
             kernel.start(spec, progress, self.config.kernel_start_timeout)
+            if isinstance(kernel, LocalKernel) and kernel.registry is not None:  # now with its pid
+                kernel.registry.register(kernel.entry(), deadline=time.time())
         except BaseException:
             with self._cond:
                 self._forget(kernel)
@@ -234,6 +266,82 @@ class KernelPool:
             kernel.shutdown(now=True)
             raise KernelStartError("the new kernel was shut down before its first call")
         return kernel
+
+    def _lease_shared(self, registry: Registry, spec: EnvSpec, slot: str, max_kernels: int,
+                      machine_type: str | None, variables: Mapping[str, str], tag: str,
+                      waiting: Collection[str]) -> tuple[LocalKernel, bool]:
+        """A kernel of the user's pool for ``slot``, leased: one of this process's that no process
+        holds, or another process's (attached to), or a new one registered here (``True``: to start).
+        ``max_kernels`` counts the slot's kernels of every process; with all of them busy, wait."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    raise FalMagicError("fal_magic is shutting down")
+                self._ensure_culler()
+                for k in list(self._kernels.get(slot, [])):
+                    if k.state != "idle" or not isinstance(k, LocalKernel) or k.lease is None:
+                        continue
+                    if not k.is_alive():  # ended at its deadline, or stopped from elsewhere
+                        self._let_go(k)
+                        continue
+                    if k.lease.take():
+                        k.state = "busy"
+                        return k, False
+                here = {k.id for ks in self._kernels.values() for k in ks}
+            with registry.slot_lock(slot):
+                live = []
+                for entry in registry.entries():
+                    if entry.slot != slot:
+                        continue
+                    if entry.pid and not pid_alive(entry.pid):  # it crashed: its entry is stale
+                        registry.remove(entry.id)
+                        continue
+                    live.append(entry)
+                for entry in live:
+                    if entry.id in here or not entry.pid:
+                        continue
+                    lease = Lease(registry.lease_path(entry.id))
+                    if not lease.take():
+                        lease.close()
+                        continue
+                    try:
+                        kernel = LocalKernel.attach(entry, registry, self._cache(), *self._user_dirs(registry),
+                                                    timeout=self.config.kernel_start_timeout)
+                    except Exception as exc:
+                        log.warning("could not attach to kernel %s of the pool: %s", entry.id, exc)
+                        lease.close()
+                        continue
+                    kernel.lease = lease
+                    kernel.plain = not spec.same_python
+                    with self._cond:
+                        self._kernels.setdefault(slot, []).append(kernel)
+                    return kernel, False
+                if len(live) >= max_kernels and all(e.id in waiting for e in live):
+                    raise FalMagicError(
+                        f"a nested isolated call would wait for environment {spec.key}, whose every kernel "
+                        f"(max_kernels={max_kernels}) is busy with a call that waits for it (a cycle); "
+                        "a larger max_kernels lets it start another")
+                if len(live) < max_kernels:
+                    runtime_dir, shm_dir = self._user_dirs(registry)
+                    kernel = LocalKernel(spec.key, spec.requirements, self._cache(), runtime_dir, shm_dir, variables,
+                                         fork=self.config.fork_kernels, registry=registry)
+                    kernel.machine_type, kernel.env_tag = machine_type, tag
+                    kernel.plain = not spec.same_python
+                    kernel.lease = Lease(registry.lease_path(kernel.id))
+                    kernel.lease.take()
+                    registry.register(kernel.entry(), deadline=time.time())  # (pid 0: starting; leased)
+                    with self._cond:
+                        self._kernels.setdefault(slot, []).append(kernel)
+                    return kernel, True
+            with self._cond:
+                self._cond.wait(0.05)  # (another process's kernel may become free: look again)
+
+    def _let_go(self, kernel: LocalKernel) -> None:
+        """Drop a kernel of the user's pool from this process (lock held): its sockets close, the
+        kernel itself is not touched (it ended, or lives on)."""
+        kernel.state = "dead"
+        self._forget(kernel)
+        threading.Thread(target=kernel.detach, daemon=True).start()
 
     def _new_kernel(self, spec: EnvSpec, url: str | None, env: Mapping[str, str]) -> Kernel:
         """A kernel of the kind that runs where ``url`` says: this machine (None) or a Jupyter Server."""
@@ -251,6 +359,10 @@ class KernelPool:
                 shutdown = True
             else:
                 kernel.deadline = max(kernel.deadline, time.time() + keep_alive)
+                if isinstance(kernel, LocalKernel) and kernel.registry is not None and kernel.lease is not None:
+                    kernel.deadline = max(kernel.deadline, kernel.registry.deadline(kernel.id))  # (others' promises)
+                    kernel.registry.set_deadline(kernel.id, kernel.deadline)
+                    kernel.lease.give_back()  # any process of the user's may lease it now
                 kernel.state = "idle"
                 shutdown = False
             self._cond.notify_all()
@@ -375,14 +487,18 @@ class KernelPool:
                 if self._closed:
                     return
                 now = time.time()
+                for k in [k for ks in self._kernels.values() for k in ks if _shared(k) and k.state == "idle"]:
+                    if not k.is_alive():  # a kernel of the user's pool ends itself: let go of it
+                        self._let_go(k)  # type: ignore[arg-type]
                 expired = [k for ks in self._kernels.values() for k in ks
-                           if k.state == "idle" and k.deadline <= now]
+                           if k.state == "idle" and k.deadline <= now and not _shared(k)]
                 for k in expired:
                     k.state = "stopping"
                     self._forget(k)
                 if not expired:
                     forked.retire_idle(self.config.template_keep_alive)
-                    deadlines = [k.deadline for ks in self._kernels.values() for k in ks if k.state == "idle"]
+                    deadlines = [k.deadline for ks in self._kernels.values() for k in ks
+                                 if k.state == "idle" and not _shared(k)]
                     wait = self.config.culler_interval
                     if deadlines:
                         wait = min(wait, max(0.0, min(deadlines) - now))
@@ -391,9 +507,11 @@ class KernelPool:
             log.debug("culling kernels %s", ", ".join(k.id for k in expired))
             _shut_down_all(expired)  # at once: kernels that expire together end together
 
-    def shutdown(self, keys: list[str] | None = None, kernel_ids: list[str] | None = None) -> list[str]:
+    def shutdown(self, keys: list[str] | None = None, kernel_ids: list[str] | None = None,
+                 pool: bool = True) -> list[str]:
         """Shut down kernels now, in parallel, and return their ids: those of ``keys`` (key prefixes),
-        or the ones named by ``kernel_ids``, or all when both are None. A busy one's call fails."""
+        or the ones named by ``kernel_ids``, or all when both are None; with ``pool``, those of the
+        user's pool that other processes hold too. A busy one's call fails."""
         with self._cond:
             victims = []
             for key, ks in list(self._kernels.items()):
@@ -411,14 +529,45 @@ class KernelPool:
             if k not in idle:  # busy or starting: its caller's thread owns the client; kill, and let it report
                 k.kill("it was shut down while this call ran")
         _shut_down_all(idle)
-        return [k.id for k in victims]
+        others = self._shut_down_others(keys, kernel_ids, {k.id for k in victims}) if pool else []
+        return [k.id for k in victims] + others
+
+    def _shut_down_others(self, keys: list[str] | None, kernel_ids: list[str] | None, done: set[str]) -> list[str]:
+        """Stop the kernels of the user's pool that other processes started (or left): their entries
+        go (the kernel ends itself on seeing that), then whatever still runs is killed."""
+        registry = self.registry()
+        if registry is None:
+            return []
+        ended = []
+        for entry in registry.entries():
+            unnamed = kernel_ids is not None and entry.id not in kernel_ids
+            unkeyed = kernel_ids is None and keys is not None and not any(entry.key.startswith(p) for p in keys)
+            if entry.id in done or unnamed or unkeyed:
+                continue
+            registry.remove(entry.id)
+            ended.append(entry)
+        for entry in ended:
+            if entry.pid and not wait_gone(entry.pid, 2.0):
+                try:
+                    os.killpg(entry.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                wait_gone(entry.pid, 2.0)
+        return [e.id for e in ended]
 
     def close(self) -> None:
         """Shut every kernel down and remove the runtime directory (at interpreter exit). In a forked
         child, whose atexit inherited this call, nothing: the kernels and files are the parent's."""
         if os.getpid() != self._owner:
             return
-        self.shutdown()
+        if self.config.kernel_scope == "user":  # the user's pool outlives this process: let go, end nothing
+            with self._cond:
+                shared = [k for ks in self._kernels.values() for k in ks if _shared(k)]
+                for k in shared:
+                    self._forget(k)
+            for k in shared:
+                k.detach()  # type: ignore[attr-defined]
+        self.shutdown(pool=False)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -433,16 +582,37 @@ class KernelPool:
                 shutil.rmtree(path, ignore_errors=True)
 
     def snapshot(self) -> list[KernelInfo]:
-        """The live kernels as plain records, oldest first."""
+        """The live kernels as plain records, oldest first: this process's, and every kernel of the
+        user's pool (``kernel_scope="user"``), whichever process holds it."""
         with self._cond:
-            return [
+            infos = [
                 KernelInfo(key=k.key, kernel_id=k.id, requirements=tuple(mask_credentials(r) for r in k.requirements),
                            pid=k.pid, state=k.state,
                            calls=k.calls, started_at=k.started_at, last_used=k.last_used, deadline=k.deadline,
                            machine_type=k.machine_type,
-                           host=k.host, node=k.node)
+                           host=k.host, node=k.node, holder=os.getpid() if k.state == "busy" else None)
                 for ks in self._kernels.values() for k in ks
             ]
+        registry = self.registry()
+        if registry is None:
+            return infos
+        known = {i.kernel_id: i for i in infos}
+        holders = registry.holders()
+        for entry in registry.entries():
+            holder = holders.get(entry.id)
+            state = "starting" if not entry.pid else "busy" if holder is not None else "idle"
+            mine = known.get(entry.id)
+            info = KernelInfo(key=entry.key, kernel_id=entry.id,
+                              requirements=tuple(mask_credentials(r) for r in entry.requirements),
+                              pid=entry.pid or None, state=state, calls=mine.calls if mine else 0,
+                              started_at=entry.started_at, deadline=entry.deadline,
+                              last_used=mine.last_used if mine else entry.started_at,
+                              machine_type=entry.machine_type, holder=holder)
+            if mine is not None:
+                infos[infos.index(mine)] = info
+            else:
+                infos.append(info)
+        return sorted(infos, key=lambda i: i.started_at)
 
 
 #: Keys the tags of kernels' environment variables: a tag tells kernels apart, and since it is keyed
@@ -450,11 +620,11 @@ class KernelPool:
 _ENV_TAG_KEY = os.urandom(32)
 
 
-def _env_tag(variables: Mapping[str, str]) -> str:
+def _env_tag(variables: Mapping[str, str], key: bytes) -> str:
     if not variables:
         return ""
     blob = json.dumps(sorted(variables.items())).encode()
-    return hmac.new(_ENV_TAG_KEY, blob, hashlib.sha256).hexdigest()[:12]
+    return hmac.new(key, blob, hashlib.sha256).hexdigest()[:12]
 
 
 def _close_idle_event_loop() -> None:
@@ -558,3 +728,8 @@ def _after_fork_in_child() -> None:
 
 
 after_fork_in_child(_after_fork_in_child)
+
+
+def _shared(kernel: Kernel) -> bool:
+    """Whether ``kernel`` belongs to the user's pool (it keeps its own deadline), not to this process."""
+    return isinstance(kernel, LocalKernel) and kernel.registry is not None

@@ -143,6 +143,43 @@ class Registry:
         return private_dir(Path(SHM_ROOT) / f"{RUNTIME_PREFIX}{os.getuid()}-{home_digest(self.home)}",
                            "the kernels' shared-memory directory")
 
+    def tag_key(self) -> bytes:
+        """The secret that keys the tags of kernels' environment variables, the same for every process
+        of the pool (a tag then names the same values everywhere, and says nothing of them)."""
+        path = self.check() / "tag.key"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            _owner_only(path, "the kernel registry's key", is_dir=False)
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        return path.read_bytes()
+
+    def holders(self) -> dict[str, int]:
+        """Kernel id -> the pid of the process that holds its lease now (Linux: ``/proc/locks``)."""
+        inodes = {}
+        for path in self.dir.glob("*.lease"):
+            try:
+                inodes[os.stat(path).st_ino] = path.stem
+            except OSError:
+                continue
+        found = {}
+        try:
+            with open("/proc/locks") as f:
+                for line in f:
+                    fields = line.split()
+                    if "FLOCK" not in fields or "->" in fields:
+                        continue
+                    at = fields.index("FLOCK")
+                    pid, where = fields[at + 3], fields[at + 4]
+                    inode = int(where.rsplit(":", 1)[1])
+                    if inode in inodes:
+                        found[inodes[inode]] = int(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+        return found
+
     def entry_path(self, kernel_id: str) -> Path:
         return self.dir / f"{kernel_id}.json"
 
@@ -168,6 +205,13 @@ class Registry:
             os.utime(self.entry_path(kernel_id), (deadline, deadline))
         except FileNotFoundError:
             pass
+
+    def deadline(self, kernel_id: str) -> float:
+        """The kernel's deadline as registered (0 if it is not)."""
+        try:
+            return os.stat(self.entry_path(kernel_id)).st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def remove(self, kernel_id: str) -> None:
         for path in (self.entry_path(kernel_id), self.lease_path(kernel_id)):

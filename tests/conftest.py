@@ -218,12 +218,16 @@ def remote(server):
     assert wait_until(lambda: not server_api(url, "/api/kernels"), timeout=20), "kernels left on the server"
 
 
-@pytest.fixture(params=["local", "remote", "cluster"])
+@pytest.fixture(params=["local", "pool", "remote", "cluster"])
 def kind(request: pytest.FixtureRequest) -> str:
-    """Each kind of kernel in turn: this machine, the test Jupyter Server, and a host of the test
-    cluster behind another server (one contract)."""
+    """Each kind of kernel in turn: this machine's (the process's own, and the user's pool), the test
+    Jupyter Server, and a host of the test cluster behind another server (one contract)."""
     if request.param in ("remote", "cluster"):
         request.getfixturevalue(request.param)
+    if request.param == "pool":
+        import fal_magic
+
+        fal_magic.configure(kernel_scope="user")
     return request.param
 
 

@@ -54,7 +54,7 @@ def test_calls_run_warm_in_one_kernel_process(kind):
     assert pid() == first and pid() == first
     [info] = fal_magic.kernels()
     assert info.pid == first and info.calls == 3 and info.state == "idle"
-    assert (info.host is None) == (kind == "local")
+    assert (info.host is None) == (kind in ("local", "pool"))
 
 
 def test_outputs_reach_the_caller_in_order(kind, capsys):

@@ -398,6 +398,9 @@ class KernelPool:
               env: Mapping[str, str] | None = None, waiting: Collection[str] = ()) -> Iterator[Kernel]:
         """``with pool.lease(spec, keep_alive) as kernel:`` — acquire, then release (or drop if it died)."""
         kernel = self.acquire(spec, max_kernels, progress, machine_type, host, env=env, waiting=waiting)
+        if isinstance(kernel, LocalKernel) and kernel.registry is not None:
+            # promised from the call's start: a caller that dies mid-call leaves the kernel warm that long
+            kernel.registry.set_deadline(kernel.id, max(kernel.registry.deadline(kernel.id), time.time() + keep_alive))
         try:
             yield kernel
         finally:
@@ -592,6 +595,7 @@ class KernelPool:
                            machine_type=k.machine_type,
                            host=k.host, node=k.node, holder=os.getpid() if k.state == "busy" else None)
                 for ks in self._kernels.values() for k in ks
+                if not (_shared(k) and k.state == "idle" and not k.is_alive())  # (ended at its deadline)
             ]
         registry = self.registry()
         if registry is None:
@@ -599,6 +603,8 @@ class KernelPool:
         known = {i.kernel_id: i for i in infos}
         holders = registry.holders()
         for entry in registry.entries():
+            if entry.pid and not pid_alive(entry.pid):
+                continue
             holder = holders.get(entry.id)
             state = "starting" if not entry.pid else "busy" if holder is not None else "idle"
             mine = known.get(entry.id)

@@ -1,4 +1,5 @@
-"""Command line: ``python -m fal_magic demo`` and ``python -m fal_magic envs list | rm KEY | prune``."""
+"""Command line: ``python -m fal_magic demo``, ``envs list | rm KEY | prune``, ``kernels [stop KEY | --all]``
+and ``lock show | refresh``."""
 from __future__ import annotations
 
 import argparse
@@ -217,6 +218,24 @@ def build_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def kernels_command(args: argparse.Namespace) -> int:
+    """``kernels``: the warm kernels of the user's pool on this machine (under the home), which
+    process holds each; ``kernels stop KEY... | --all`` stops them, whichever process started them."""
+    from . import configure, kernels, shutdown
+
+    configure(kernel_scope="user")
+    if args.action is None:
+        print(kernels())
+        return 0
+    if not args.keys and not args.all:
+        print("error: name the kernels to stop (a key, or a key prefix), or --all", file=sys.stderr)
+        return 2
+    stopped = shutdown(None if args.all else list(args.keys))
+    print(f"stopped {len(stopped)} kernel{'s' if len(stopped) != 1 else ''}"
+          + (f": {', '.join(stopped)}" if stopped else ""))
+    return 0
+
+
 DESCRIPTION = """\
 fal_magic runs Python functions and notebook cells in isolated, warm Jupyter kernels.
 
@@ -224,6 +243,9 @@ fal_magic runs Python functions and notebook cells in isolated, warm Jupyter ker
   python -m fal_magic envs list        the cached environments
   python -m fal_magic envs rm KEY      remove one (not while a kernel uses it)
   python -m fal_magic envs prune       remove unfinished builds and long-unused environments
+  python -m fal_magic kernels          the warm kernels of the user's pool, and who holds each
+  python -m fal_magic kernels stop KEY|--all
+                                       stop them, whichever process started them
   python -m fal_magic lock show FILE   what a lock file holds, per environment
   python -m fal_magic lock refresh FILE [REQUIREMENT ...]
                                        resolve its entries again (those naming a requirement, else all)
@@ -252,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_build.add_argument("--python", required=True, help="the server's Python, e.g. cpython-3.11")
     p_build.add_argument("--cloudpickle", required=True, help="the exact cloudpickle version")
     p_build.add_argument("requirements", nargs="*", metavar="REQUIREMENT")
+    p_kernels = sub.add_parser("kernels", help="list or stop the warm kernels of the user's pool")
+    kernels_sub = p_kernels.add_subparsers(dest="action")
+    p_stop = kernels_sub.add_parser("stop", help="stop kernels of the pool (any process's)")
+    p_stop.add_argument("keys", nargs="*", metavar="KEY", help="a key or key prefix")
+    p_stop.add_argument("--all", action="store_true", help="every kernel of the pool")
     p_lock = sub.add_parser("lock", help="show or refresh a lock file (FalMagic.lock)")
     lock_sub = p_lock.add_subparsers(dest="action", required=True)
     p_show = lock_sub.add_parser("show", help="what the lock file holds, per environment")
@@ -264,6 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         try:
             return demo(args.keep_alive, args.host)
+        except FalMagicError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "kernels":
+        try:
+            return kernels_command(args)
         except FalMagicError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

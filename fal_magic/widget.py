@@ -6,6 +6,7 @@ without widgets); in a terminal it prints as plain text.
 from __future__ import annotations
 
 import html
+import os
 import threading
 import urllib.parse
 import time
@@ -37,7 +38,10 @@ def _row(info: KernelInfo, now: float) -> tuple[str, ...]:
     if info.host is not None:
         server = urllib.parse.urlsplit(info.host).netloc
         pid += f" on {info.node} via {server}" if info.node else f" on {server}"
-    return (info.key[:8], reqs, pid, info.state, str(info.calls),
+    state = info.state
+    if info.holder is not None and info.holder != os.getpid():  # (the user's pool: another process's call)
+        state += f" (process {info.holder})"
+    return (info.key[:8], reqs, pid, state, str(info.calls),
             f"{max(0.0, now - info.last_used):.0f}s ago", _culled_in(info), _memory(info.rss_bytes))
 
 

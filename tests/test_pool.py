@@ -159,3 +159,21 @@ def test_without_the_pool_a_script_leaves_nothing_running(tmp_path):
     script.write_text(textwrap.dedent(SCRIPT).replace('fal_magic.configure(kernel_scope="user")', ""))
     result = run(script)
     assert wait_until(lambda: not pid_alive(result["pid"]), timeout=15)  # ended with its process
+
+
+def test_the_command_line_lists_the_pool_with_who_holds_each_kernel_and_stops_them(pool):
+    busy = start(pool, seconds=120)
+    assert busy.stdout is not None and "started" in busy.stdout.readline()
+    try:
+        listed = subprocess.run([sys.executable, "-m", "fal_magic", "kernels"], capture_output=True, text=True,
+                                timeout=60, check=True).stdout
+        [kernel] = [k for k in fal_magic.kernels() if k.state == "busy"]
+        assert f"busy (process {busy.pid})" in listed and str(kernel.pid) in listed
+        stopped = subprocess.run([sys.executable, "-m", "fal_magic", "kernels", "stop", "--all"],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+        assert stopped.startswith("stopped 1 kernel") and kernel.kernel_id in stopped
+        assert wait_until(lambda: not pid_alive(kernel.pid), timeout=20)
+        assert busy.wait(timeout=60) != 0  # its caller's call failed: the kernel was stopped under it
+    finally:
+        busy.kill()
+        busy.wait()

@@ -77,6 +77,8 @@ class Runtime:
         self.shm_dir = os.environ.get(SHM_ENV, "")
         self.arena: Arena | None = None  # this kernel's segments for large results
         self.arena_host = ""  # the session of the host the arena's lent segments went to
+        self.namespace_owner = ""  # the host session whose variables the shell's namespace holds
+        self.namespaces: dict[str, dict[str, Any]] = {}  # those of the other sessions
         self.held: dict[str, Any] = {}  # the host's segments this kernel still maps (its objects use them)
         self.asker: Asker | None = None  # the running request's line to the host's stdin
         self.lifetime: Lifetime | None = None  # a kernel of a user's pool keeps its own deadline
@@ -145,6 +147,8 @@ class Runtime:
             try:
                 if begin is not None:
                     begin()
+                if data.get("namespace"):  # (a kernel of a user's pool: each host session has its own)
+                    self.use_namespace(str(data["namespace"]))
                 operation = getattr(self, "op_" + str(data.get("op")), None)
                 if operation is None:
                     raise ValueError(f"fal_magic runtime: unknown operation {data.get('op')!r}")
@@ -265,6 +269,30 @@ class Runtime:
         debugger: Any = Pdb()
         debugger.reset()
         debugger.interaction(None, tb)
+
+    #: Namespaces kept for host sessions that are not the current one (the oldest go first).
+    KEPT_NAMESPACES = 8
+
+    def use_namespace(self, session: str) -> None:
+        """Give the shell's namespace (``%%isolated`` cells' variables) to ``session``'s host: the
+        variables of the session that had it are put aside, and ``session``'s own come back (none
+        for a new session). Imported modules and ``@cached`` values stay the kernel's, for everyone."""
+        if session == self.namespace_owner:
+            return
+        ns, hidden = self.shell.user_ns, self.shell.user_ns_hidden
+        own = {name: value for name, value in ns.items()
+               if name not in hidden or value is not hidden[name]}
+        for name in own:
+            del ns[name]
+        if self.namespace_owner:
+            self.namespaces[self.namespace_owner] = own
+            while len(self.namespaces) > self.KEPT_NAMESPACES:
+                self.namespaces.pop(next(iter(self.namespaces)))
+        ns.update(self.namespaces.pop(session, {}))
+        self.namespace_owner = session
+
+    def op_namespace(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        """Nothing but the namespace switch ``run`` made (before a cell of another host session)."""
 
     def op_push(self, data: dict[str, Any], buffers: list[Any]) -> None:
         """Set variables in the kernel's namespace (``%%isolated --push``)."""

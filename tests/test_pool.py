@@ -177,3 +177,49 @@ def test_the_command_line_lists_the_pool_with_who_holds_each_kernel_and_stops_th
     finally:
         busy.kill()
         busy.wait()
+
+
+NOTEBOOK = [
+    """\
+    %load_ext fal_magic
+    import fal_magic
+    from fal_magic import cached, isolated
+
+    fal_magic.configure(kernel_scope="user")
+
+    @cached
+    def model():
+        import os
+        return os.urandom(4).hex()
+
+    @isolated(keep_alive=60)
+    def loaded():
+        import os
+        return os.getpid(), model()
+
+    print("loaded", *loaded())
+    """,
+    """\
+    %%isolated --keep-alive 60
+    print("before", "mine" in globals())
+    mine = 42
+    """,
+]
+
+
+def test_a_restarted_notebook_finds_the_warm_kernel_with_a_fresh_namespace_and_the_cached_values(pool):
+    """Run by nbclient twice, as "Restart Kernel and Run All" does: the second run's kernel process is
+    new, its isolated kernel is the same warm one, and its cell variables start empty."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    def run_notebook() -> list[str]:
+        cells = [nbformat.v4.new_code_cell(textwrap.dedent(c)) for c in NOTEBOOK]
+        nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                                            "display_name": "Python 3"}})
+        NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+        return ["".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout") for cell in nb.cells]
+
+    first, second = run_notebook(), run_notebook()
+    assert first[0] == second[0]  # the same kernel pid, and @cached kept its value
+    assert first[1] == second[1] == "before False\n"  # each session's namespace is its own

@@ -30,6 +30,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from ..envs import EnvCache, EnvSpec
 from ..errors import FalMagicError, KernelDiedError, KernelStartError
 from ..outputs import OutputSink
+from ..platforms import after_fork_in_child
 from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
 from .protocol import (LIVENESS_PERIOD, bootstrap_from, check_hello, comm_open, is_hello, kernel_argv, kernel_env,
                        msg_counter, write_runtime)
@@ -58,6 +59,19 @@ def zmq_context() -> zmq.Context:
         _context_pid = os.getpid()
     return _context
 
+
+#: This process's name in the kernels of the user's pool (its ``%%isolated`` namespace there); a
+#: restarted notebook is a new process, with a new name and so a fresh namespace.
+HOST_SESSION = uuid.uuid4().hex
+
+
+def _new_host_session() -> None:
+    """A forked child is another process: a namespace of its own in the pool's kernels."""
+    global HOST_SESSION
+    HOST_SESSION = uuid.uuid4().hex
+
+
+after_fork_in_child(_new_host_session)
 
 #: The kernel provisioner (an entry point of fal_magic's) that forks kernels from a template.
 TEMPLATE_PROVISIONER = "fal-magic-template-provisioner"
@@ -586,6 +600,8 @@ class LocalKernel(Kernel):
 
     def _runtime_request(self, op: str, frames: Frames, sink: OutputSink, grace: float,
                          nested: NestedHandler | None = None, **fields: Any) -> Reply:
+        if self.registry is not None:
+            fields["namespace"] = HOST_SESSION
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": {
             "op": op, "id": msg_counter(), "broker": self.broker_address, **fields}})
         self.kc.session.send(self.kc.shell_channel.socket, msg, buffers=frames)
@@ -594,6 +610,8 @@ class LocalKernel(Kernel):
     def execute(self, code: str, sink: OutputSink, grace: float) -> Reply:
         self.calls += 1
         self.cells += 1
+        if self.registry is not None:  # a kernel of the user's pool: this process's own cell namespace
+            self._runtime_request("namespace", [], sink, grace)
         msg_id = self.kc.execute(code, silent=False, store_history=True, allow_stdin=sink.can_ask())
         return serve(self, msg_id, sink, grace, "shell")
 

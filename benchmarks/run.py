@@ -326,6 +326,10 @@ def main() -> None:
 
     print("\nthe README's tour, in a new process")
     tour_rows(2 if opts.quick else 3)
+    print("\nthe user's pool against kernels of one process (kernel_scope), new processes each")
+    from benchmarks import pool as pool_rows
+
+    pool_rows.measure(row, runs=3 if opts.quick else 5)
 
     # -- warm round trips ----------------------------------------------------------------------
     print("\nwarm no-op round trip")

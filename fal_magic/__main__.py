@@ -77,11 +77,16 @@ def demo(keep_alive: float = 3.0, host: str | None = None) -> int:
     new_pid, text = describe(42)
     again = time.perf_counter() - t
     print(f"\ncold call (cached env, new kernel): {again * 1000:8.1f} ms  -> {text!r} from kernel pid {new_pid}")
-    get_pool().shutdown()
+    pooled = host is None and settings().kernel_scope == "user"
+    if not pooled:
+        get_pool().shutdown()
     print("\nsummary:")
     print(f"  {'cold, ' + kind:<34} {cold * 1000:8.1f} ms")
     print(f"  {'cold, cached env':<34} {again * 1000:8.1f} ms")
     print(f"  {'warm (median of 3)':<34} {sorted(warm)[1] * 1000:8.1f} ms")
+    if pooled:
+        print(f"\nkernel {new_pid} stays warm for {keep_alive:g}s after this process ends (the user's pool): a "
+              "demo run within that time finds it warm; 'python -m fal_magic kernels stop --all' ends it now")
     return 0
 
 

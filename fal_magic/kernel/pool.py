@@ -435,12 +435,17 @@ class KernelPool:
         with self._cond:
             while True:
                 found = next((k for ks in self._kernels.values() for k in ks if k.id == kernel_id), None)
-                if found is None or found.state == "idle":
+                if found is not None and found.state == "idle" and _shared(found) and not found.is_alive():
+                    self._let_go(found)  # type: ignore[arg-type]
+                    found = None
+                if found is None:
                     break
+                if found.state == "idle" and (not _shared(found) or found.lease.take()):  # type: ignore[attr-defined]
+                    break  # (a kernel of the user's pool: leased from every other process too)
                 if found.state in ("dead", "stopping"):
                     found = None
                     break
-                self._cond.wait()
+                self._cond.wait(0.05 if _shared(found) else None)
             if found is not None:
                 found.state = "busy"
         if found is None:

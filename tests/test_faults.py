@@ -238,8 +238,10 @@ def test_no_stray_runtime_files_after_the_host_is_killed(fal_home):
 
     script = textwrap.dedent("""
         import sys
+        import fal_magic
         from fal_magic.kernel import get_pool
         from fal_magic import isolated
+        fal_magic.configure(kernel_scope="process")  # (the user's pool keeps its own directories)
         @isolated(keep_alive=300)
         def pid():
             import os
@@ -270,7 +272,8 @@ def test_notebook_kernel_restart_and_shutdown_stop_isolated_kernels(fal_home):
 
     km, kc = start_new_kernel(kernel_name="python3")
     try:
-        code = ("from fal_magic import isolated\n@isolated(keep_alive=300)\ndef pid():\n"
+        code = ("import fal_magic\nfal_magic.configure(kernel_scope='process')\n"
+                "from fal_magic import isolated\n@isolated(keep_alive=300)\ndef pid():\n"
                 "    import os\n    return os.getpid()\nprint(pid())")
         pids = []
         for step in ("restart", "shutdown"):

@@ -73,9 +73,13 @@ def test_a_short_keep_alive_never_cuts_short_a_longer_promise():
 
 
 def _script(body: str) -> str:
+    """A host whose kernels are its own (``kernel_scope="process"``, the opt-out of the user's pool)."""
     return textwrap.dedent("""
         import os, sys
+        import fal_magic
         from fal_magic import isolated
+
+        fal_magic.configure(kernel_scope="process")
 
         @isolated(keep_alive=300)
         def pid():

@@ -339,7 +339,9 @@ class KernelPool:
     def _let_go(self, kernel: LocalKernel) -> None:
         """Drop a kernel of the user's pool from this process (lock held): its sockets close, the
         kernel itself is not touched (it ended, or lives on)."""
-        kernel.state = "dead"
+        assert kernel.registry is not None
+        ended = not kernel.registry.entry_path(kernel.id).exists()  # at its deadline, or stopped: not a crash
+        kernel.state = "stopping" if ended else "dead"
         self._forget(kernel)
         threading.Thread(target=kernel.detach, daemon=True).start()
 
@@ -359,12 +361,17 @@ class KernelPool:
                 shutdown = True
             else:
                 kernel.deadline = max(kernel.deadline, time.time() + keep_alive)
-                if isinstance(kernel, LocalKernel) and kernel.registry is not None and kernel.lease is not None:
-                    kernel.deadline = max(kernel.deadline, kernel.registry.deadline(kernel.id))  # (others' promises)
-                    kernel.registry.set_deadline(kernel.id, kernel.deadline)
-                    kernel.lease.give_back()  # any process of the user's may lease it now
                 kernel.state = "idle"
                 shutdown = False
+                if isinstance(kernel, LocalKernel) and kernel.registry is not None and kernel.lease is not None:
+                    kernel.deadline = max(kernel.deadline, kernel.registry.deadline(kernel.id))  # (others' promises)
+                    if kernel.deadline <= time.time():  # keep_alive=0, and no one promised more: ends now
+                        kernel.state = "stopping"
+                        self._forget(kernel)
+                        shutdown = True
+                    else:
+                        kernel.registry.set_deadline(kernel.id, kernel.deadline)
+                        kernel.lease.give_back()  # any process of the user's may lease it now
             self._cond.notify_all()
         if shutdown:
             kernel.shutdown(now=True)

@@ -59,11 +59,11 @@ class FalMagic(Configurable):
              "kernel as a new Python process. Default: True on Linux, False elsewhere (macOS).",
     )
     kernel_scope = Enum(
-        ["process", "user"], "user", config=True,
+        ["process", "user"], "process", config=True,
         help="'user': local kernels form one pool per user and machine (under the home), shared by every "
              "process of the user: a script run again, a restarted notebook or a second notebook finds the "
              "warm kernel of its key, and a kernel lives until its deadline whoever is left (SPEC 13). "
-             "'process': kernels end with the process that started them.",
+             "'process' (the default for now): kernels end with the process that started them.",
     )
     template_keep_alive = Float(
         300.0, min=0.0, config=True,

@@ -11,7 +11,6 @@ gone, someone stopped the kernel.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import signal
@@ -42,6 +41,8 @@ class Lifetime:
 
     def _free(self) -> bool:
         """Take the lease if no one holds it (then it is ours until ``_give_back``)."""
+        import fcntl
+
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
@@ -51,6 +52,8 @@ class Lifetime:
             raise
 
     def _give_back(self) -> None:
+        import fcntl
+
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _watch(self) -> None:

@@ -3,6 +3,7 @@ Jupyter Server (started once, when a test first needs it), and the suite-level c
 outlives the tests."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -157,8 +158,27 @@ def _fresh_pool():
     yield
     get_pool().shutdown()
     config.adopt(config.FalMagic())
+    end_pools()
     assert wait_until(lambda: not leaked_kernels(), timeout=15), (
         f"this test left kernels running: {describe_pids(leaked_kernels())}")
+
+
+def end_pools() -> None:
+    """End the kernels of every user's pool a test left (scripts and notebooks may point at homes of
+    their own, which this process's shutdown does not reach), as ``fal_magic kernels stop`` would:
+    its registry entry goes, and the kernel ends itself."""
+    for pid in leaked_kernels():
+        try:  # <home>/envs/<key>/bin/python: the kernel's environment says which home's pool it is in
+            python = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode())
+        except OSError:
+            continue
+        registry = python.parents[3] / "kernels" if len(python.parents) > 3 else None
+        for entry in registry.glob("*.json") if registry is not None and registry.is_dir() else ():
+            try:
+                if json.loads(entry.read_text()).get("pid") == pid:
+                    entry.unlink()
+            except (OSError, ValueError):
+                continue
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ owns, is refused with a message and never used.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -99,6 +98,8 @@ class Lease:
 
     def take(self) -> bool:
         """Take the lease if no one holds it (never waits)."""
+        import fcntl
+
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -109,6 +110,8 @@ class Lease:
         return True
 
     def give_back(self) -> None:
+        import fcntl
+
         if self.held:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             self.held = False
@@ -251,6 +254,8 @@ class Registry:
     def slot_lock(self, slot: str) -> Iterator[None]:
         """Hold the slot's flock: counting its kernels and registering a new one happen as one step
         across processes (``max_kernels`` holds for the key whatever process asks)."""
+        import fcntl
+
         name = hashlib.sha256(slot.encode()).hexdigest()[:16]
         fd = os.open(self.check() / f"{name}.slot", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:

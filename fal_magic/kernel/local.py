@@ -34,7 +34,7 @@ from ..platforms import after_fork_in_child
 from .contract import Frames, Kernel, Message, NestedHandler, Progress, Reply
 from .protocol import (LIVENESS_PERIOD, bootstrap_from, check_hello, comm_open, is_hello, kernel_argv, kernel_env,
                        msg_counter, write_runtime)
-from .registry import Entry, Lease, Registry, pid_alive, wait_gone
+from .registry import Entry, Lease, Registry, not_a_zombie, pid_alive, wait_gone
 from .request import serve
 
 try:
@@ -298,9 +298,8 @@ class LocalKernel(Kernel):
         kernel.state = "busy"
         return kernel
 
-    def detach(self) -> None:
-        """Let go of the kernel without ending it (a user's pool: it ends at its deadline)."""
-        self.state = "dead"
+    def _close_client(self) -> None:
+        """Close this process's channels and sockets to the kernel."""
         if self.kc is not None:
             try:
                 self.kc.stop_channels()
@@ -310,6 +309,11 @@ class LocalKernel(Kernel):
             if sock is not None:
                 sock.close()
         self.broker = self.fast = None
+
+    def detach(self) -> None:
+        """Let go of the kernel without ending it (a user's pool: it ends at its deadline)."""
+        self.state = "dead"
+        self._close_client()
         Path(self.broker_address[len("ipc://"):]).unlink(missing_ok=True)
         if self.arena is not None:
             self.arena.close()
@@ -406,11 +410,7 @@ class LocalKernel(Kernel):
             return bool(self.km.is_alive())
         if proc.poll() is not None:
             return False
-        try:
-            with open(f"/proc/{proc.pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-        except (OSError, IndexError):
-            return True
+        return not_a_zombie(proc.pid)
 
     def exit_code(self, wait: float = 3.0) -> int | None:
         """The exit code of a dead kernel (negative: the signal), waiting a little for it to be reaped."""
@@ -473,11 +473,7 @@ class LocalKernel(Kernel):
     def shutdown(self, now: bool = False) -> None:
         """Stop the kernel (politely unless ``now``) and remove its files."""
         self.state = "dead"
-        if self.kc is not None:
-            try:
-                self.kc.stop_channels()
-            except Exception:
-                pass
+        self._close_client()
         if self.registry is not None:  # gone from the user's pool first: no process leases it any more
             self.registry.remove(self.id)
         if self.attached:  # another process's child: ended by signals, its files removed here
@@ -492,10 +488,6 @@ class LocalKernel(Kernel):
                 self.km.cleanup_resources()
             except Exception:
                 pass
-        for sock in (self.broker, self.fast):
-            if sock is not None:
-                sock.close()
-        self.broker = self.fast = None
         if self.lease is not None:
             self.lease.close()
             self.lease = None

@@ -273,6 +273,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return not_a_zombie(pid)
+
+
+def not_a_zombie(pid: int) -> bool:
+    """Whether a process that exists still runs (Linux: not a zombie waiting to be reaped)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")

@@ -29,11 +29,12 @@ import fal_magic
 from fal_magic import cached, isolated
 
 fal_magic.configure(kernel_scope=sys.argv[1])
+LOAD = float(sys.argv[2])
 
 @cached
 def model():
     import time
-    time.sleep(float(sys.argv[2]))  # a model that loads slowly, once per warm kernel
+    time.sleep(LOAD)  # a model that loads slowly, once per warm kernel
     return 1
 
 @isolated(keep_alive=120)

@@ -119,7 +119,7 @@ class KernelPool:
         self._lost_namespaces: dict[str, str] = {}  # slots whose kernel with cell state is gone: how
         self._runtime_dir: Path | None = None
         self._shm_dir: Path | None = None
-        self._registries: dict[Path, Registry] = {}
+        self._registries: dict[tuple[str, str | None], Registry] = {}  # by the home's setting and variable
 
     @property
     def config(self) -> FalMagic:
@@ -145,14 +145,14 @@ class KernelPool:
 
     def registry(self) -> Registry | None:
         """The user's pool under the home (``kernel_scope="user"``), else None (kernels of this process)."""
-        if self.config.kernel_scope != "user":
+        config = self.config
+        if config.kernel_scope != "user":
             return None
-        home = self.config.home_path()
-        with self._cond:
-            registry = self._registries.get(home)
-            if registry is None:
-                registry = self._registries[home] = Registry(home)
-            return registry
+        where = (config.home, os.environ.get("FAL_MAGIC_HOME"))
+        registry = self._registries.get(where)
+        if registry is None:
+            registry = self._registries[where] = Registry(config.home_path())
+        return registry
 
     def _user_dirs(self, registry: Registry) -> tuple[Path, Path | None]:
         """The user's runtime and shared-memory directories for ``registry``'s kernels."""

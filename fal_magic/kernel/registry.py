@@ -127,7 +127,9 @@ class Registry:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.dir = home / "kernels"
+        self._dir = str(self.dir)  # (os.path on the call path: pathlib costs microseconds a call)
         self._warned: set[str] = set()
+        self._tag_key: bytes | None = None
 
     def check(self) -> Path:
         """The registry directory, made or checked (FalMagicError if others could use it)."""
@@ -149,6 +151,12 @@ class Registry:
     def tag_key(self) -> bytes:
         """The secret that keys the tags of kernels' environment variables, the same for every process
         of the pool (a tag then names the same values everywhere, and says nothing of them)."""
+        if self._tag_key is not None:
+            return self._tag_key
+        self._tag_key = self._read_tag_key()
+        return self._tag_key
+
+    def _read_tag_key(self) -> bytes:
         path = self.check() / "tag.key"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -205,14 +213,14 @@ class Registry:
     def set_deadline(self, kernel_id: str, deadline: float) -> None:
         """The kernel's new deadline (only its leaseholder sets it): the entry's modification time."""
         try:
-            os.utime(self.entry_path(kernel_id), (deadline, deadline))
+            os.utime(os.path.join(self._dir, kernel_id + ".json"), (deadline, deadline))
         except FileNotFoundError:
             pass
 
     def deadline(self, kernel_id: str) -> float:
         """The kernel's deadline as registered (0 if it is not)."""
         try:
-            return os.stat(self.entry_path(kernel_id)).st_mtime
+            return os.stat(os.path.join(self._dir, kernel_id + ".json")).st_mtime
         except FileNotFoundError:
             return 0.0
 

@@ -289,6 +289,8 @@ def not_a_zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # gone (where /proc exists at all)
     except (OSError, IndexError):
         return True
 

@@ -233,10 +233,7 @@ class KernelPool:
                         return k
                 else:
                     if len(kernels) >= max_kernels and all(k.id in waiting for k in kernels):
-                        raise FalMagicError(
-                            f"a nested isolated call would wait for environment {spec.key}, whose every kernel "
-                            f"(max_kernels={max_kernels}) is busy with a call that waits for it (a cycle); "
-                            "a larger max_kernels lets it start another")
+                        raise _cycle(spec, max_kernels)
                     if len(kernels) < max_kernels:
                         kernel = self._new_kernel(spec, url, variables)
                         kernel.machine_type, kernel.env_tag = machine_type, tag
@@ -317,10 +314,7 @@ class KernelPool:
                         self._kernels.setdefault(slot, []).append(kernel)
                     return kernel, False
                 if len(live) >= max_kernels and all(e.id in waiting for e in live):
-                    raise FalMagicError(
-                        f"a nested isolated call would wait for environment {spec.key}, whose every kernel "
-                        f"(max_kernels={max_kernels}) is busy with a call that waits for it (a cycle); "
-                        "a larger max_kernels lets it start another")
+                    raise _cycle(spec, max_kernels)
                 if len(live) < max_kernels:
                     runtime_dir, shm_dir = self._user_dirs(registry)
                     kernel = LocalKernel(spec.key, spec.requirements, self._cache(), runtime_dir, shm_dir, variables,
@@ -751,3 +745,10 @@ after_fork_in_child(_after_fork_in_child)
 def _shared(kernel: Kernel) -> bool:
     """Whether ``kernel`` belongs to the user's pool (it keeps its own deadline), not to this process."""
     return isinstance(kernel, LocalKernel) and kernel.registry is not None
+
+
+def _cycle(spec: EnvSpec, max_kernels: int) -> FalMagicError:
+    """The error of a nested call that would wait for ever: every kernel it could use waits for it."""
+    return FalMagicError(f"a nested isolated call would wait for environment {spec.key}, whose every kernel "
+                         f"(max_kernels={max_kernels}) is busy with a call that waits for it (a cycle); "
+                         "a larger max_kernels lets it start another")

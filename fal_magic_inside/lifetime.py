@@ -17,6 +17,8 @@ import signal
 import threading
 import time
 
+from .shm import SHM_ENV
+
 ENTRY_ENV = "FAL_MAGIC_ENTRY"
 LEASE_ENV = "FAL_MAGIC_LEASE"
 #: Files of the kernel's to remove when it ends (``os.pathsep``-separated): its log, its call mark.
@@ -94,12 +96,30 @@ class Lifetime:
                           ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port") if name in info]
         except (OSError, ValueError, KeyError):
             pass
+        shm_dir = os.environ.get(SHM_ENV, "")
+        if shm_dir:  # its arena's segments (a host's mappings of them stay valid)
+            prefix = f"k-{os.getpid()}-"
+            try:
+                paths += [os.path.join(shm_dir, n) for n in os.listdir(shm_dir) if n.startswith(prefix)]
+            except OSError:
+                pass
         for path in paths:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+        if shm_dir:
+            remove_if_empty(shm_dir)
         os._exit(0)
+
+
+def remove_if_empty(directory: str) -> None:
+    """Remove the pool's shared-memory directory once nothing is left in it (it holds memory, not
+    disk); a process about to put a segment there then sends that buffer inline instead."""
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
 
 
 def watch() -> Lifetime | None:

@@ -13,12 +13,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 import fal_magic
 from fal_magic import FalMagicError, isolated
 from fal_magic.kernel import get_pool
+from fal_magic.kernel.registry import RUNTIME_PREFIX, SHM_ROOT, home_digest
 
 from .conftest import pid_alive, wait_until
 
@@ -86,6 +88,8 @@ def test_a_script_run_again_finds_its_warm_kernel_and_cached_values_and_nothing_
     assert not [k for k in fal_magic.kernels() if k.pid == first["pid"]]
     registry = get_pool().registry()
     assert registry is not None and not list(registry.dir.glob("*.json"))
+    shm_dir = Path(SHM_ROOT) / f"{RUNTIME_PREFIX}{os.getuid()}-{home_digest(registry.home)}"
+    assert not shm_dir.exists()  # shared memory is given back with the pool's last kernel
 
 
 def test_two_processes_at_once_get_two_kernels_and_never_share_a_call(pool):

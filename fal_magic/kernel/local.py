@@ -317,6 +317,8 @@ class LocalKernel(Kernel):
         Path(self.broker_address[len("ipc://"):]).unlink(missing_ok=True)
         if self.arena is not None:
             self.arena.close()
+        if self.shm_dir is not None and not (self.pid and pid_alive(self.pid)):
+            lifetime.remove_if_empty(str(self.shm_dir))
         if self.lease is not None:
             self.lease.close()
             self.lease = None
@@ -496,6 +498,8 @@ class LocalKernel(Kernel):
                 path.unlink(missing_ok=True)
         if self.arena is not None:
             self.arena.close()
+        if self.registry is not None and self.shm_dir is not None:
+            lifetime.remove_if_empty(str(self.shm_dir))
         for path in (self.log_path, Path(self.broker_address[len("ipc://"):]),
                      self.runtime_dir / f"kernel-{self.id}-fast", self.begun_path, self.pool_connection_file):
             try:

@@ -293,21 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_refresh.add_argument("requirements", nargs="*", metavar="REQUIREMENT",
                            help="refresh the entries whose requirements name one of these (default: all)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    commands = {"demo": lambda: demo(args.keep_alive, args.host), "kernels": lambda: kernels_command(args),
+                "lock": lambda: lock_command(args)}
+    if args.command in commands:
         try:
-            return demo(args.keep_alive, args.host)
-        except FalMagicError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    if args.command == "kernels":
-        try:
-            return kernels_command(args)
-        except FalMagicError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    if args.command == "lock":
-        try:
-            return lock_command(args)
+            return commands[args.command]()
         except FalMagicError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
